@@ -1,0 +1,1 @@
+"""Benchmarks: Control Tower vs LangGraph on the same workloads (see bench/README.md)."""

@@ -1,0 +1,155 @@
+"""Group commit: one database thread turns many concurrent requests into few transactions.
+
+Every store call becomes a job on a queue. The thread drains whatever is queued,
+runs it all in one transaction and commits once, so a thousand runs finishing a
+step at the same moment cost one fsync, not a thousand. Consecutive jobs of the
+same kind (e.g. step inserts) are merged into one executemany.
+
+If a batch fails, it is rolled back and its jobs are re-run one per transaction,
+so one bad request fails alone and the others still commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+# Fault injection for crash tests: TOWER_FAULT_KILL_IN_COMMIT=N makes the store thread
+# SIGKILL its own process after N batches, inside the transaction, before COMMIT.
+_KILL_AFTER = int(os.environ.get("TOWER_FAULT_KILL_IN_COMMIT", "0") or 0)
+
+BatchFn = Callable[[sa.Connection, list[Any]], list[Any]]
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: BatchFn
+    key: Hashable | None
+    arg: Any
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+class GroupCommitter:
+    """Owns one connection and one thread; all SQL for a store goes through it."""
+
+    def __init__(self, engine: sa.Engine, *, max_batch: int = 2000, name: str = "tower-store") -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._closed = False
+        self._batches = 0
+        self._thread.start()
+
+    @property
+    def batches(self) -> int:
+        """How many transactions have been committed (for tests and benchmarks)."""
+        return self._batches
+
+    def submit(self, fn: BatchFn, arg: Any = None, key: Hashable | None = None) -> asyncio.Future[Any]:
+        """Queue ``fn(conn, [arg, ...])``; jobs with the same non-None ``key`` may be merged."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(fn, key, arg, loop, future))
+        return future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the database thread ------------------------------------------------
+
+    def _main(self) -> None:
+        with self._engine.connect() as conn:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < self._max_batch:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run(conn, batch)
+                if stop:
+                    return
+
+    def _run(self, conn: sa.Connection, batch: list[_Job]) -> None:
+        groups = _group(batch)
+        outcomes: list[tuple[_Job, bool, Any]] = []
+        try:
+            with conn.begin():
+                for group in groups:
+                    results = group[0].fn(conn, [job.arg for job in group])
+                    outcomes.extend((job, True, res) for job, res in zip(group, results, strict=True))
+                self._batches += 1
+                if _KILL_AFTER and self._batches >= _KILL_AFTER:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+        except Exception as exc:
+            if len(batch) == 1:
+                outcomes = [(batch[0], False, exc)]
+            else:
+                outcomes = [self._run_alone(conn, job) for job in batch]
+        self._deliver(outcomes)
+
+    def _run_alone(self, conn: sa.Connection, job: _Job) -> tuple[_Job, bool, Any]:
+        try:
+            with conn.begin():
+                (result,) = job.fn(conn, [job.arg])
+            self._batches += 1
+            return job, True, result
+        except BaseException as exc:  # delivered to the caller, never lost in this thread
+            return job, False, exc
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[_Job, bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+        for item in outcomes:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[tuple[_Job, bool, Any]]) -> None:
+    for job, ok, value in items:
+        if job.future.done():
+            continue
+        if ok and isinstance(value, BaseException):  # a batch function failing one job alone
+            job.future.set_exception(value)
+        elif ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+
+def _group(batch: list[_Job]) -> list[list[_Job]]:
+    groups: list[list[_Job]] = []
+    for job in batch:
+        if groups and job.key is not None and groups[-1][0].key == job.key:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
