@@ -133,11 +133,6 @@ async def test_events_in_a_map_are_shared_out_one_each(engine: EmbeddedEngine) -
 # -- races and joins ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EmbeddedEngine.decide checks for an earlier decision and sends its own in separate "
-    "store calls, so two concurrent decisions both succeed and the later one silently wins",
-)
 async def test_concurrent_decisions_only_one_wins(engine: EmbeddedEngine) -> None:
     spec = make_spec("race", [{"id": "ok", "kind": "approval"}])
     run_id = await engine.start(spec)
@@ -213,11 +208,6 @@ async def test_cancel_a_run_queued_behind_max_runs(engine: EmbeddedEngine) -> No
 # -- known gaps, reported to the lead -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resume re-runs only the failed step; steps whose effects were already undone by "
-    "compensation stay 'completed', so the resumed run completes with those effects missing",
-)
 async def test_resume_after_compensation_redoes_compensated_steps(engine: EmbeddedEngine) -> None:
     t = tag()
     impls.FLAGS[t] = True
@@ -242,10 +232,6 @@ async def test_resume_after_compensation_redoes_compensated_steps(engine: Embedd
     assert impls.EVENTS[t] == ["book", "undo", "book"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cancelling a parent run leaves its active child runs running/waiting forever",
-)
 async def test_cancel_parent_cancels_active_child(engine: EmbeddedEngine) -> None:
     await engine.publish(make_spec("kid", [{"id": "ok", "kind": "approval"}]))
     run_id = await engine.start(

@@ -67,6 +67,7 @@ async def test_input_schema_violation_writes_no_run(engine: EmbeddedEngine) -> N
     with pytest.raises(InvalidInputError):
         await engine.start(spec, {})
     assert await engine.store.list_runs(RunFilter()) == []
+    assert await engine.store.list_workflows() == []  # not even a published version
     run = await run_to_end(engine, spec, {"n": 1})
     assert run.status == "completed"
     assert len(await engine.store.list_runs(RunFilter())) == 1

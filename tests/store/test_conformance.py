@@ -11,7 +11,7 @@ import time
 import pytest
 
 from controltower.spec.errors import LeaseLostError
-from controltower.store import RunFilter, SqlStore
+from controltower.store import RunFilter, SqlStore, open_store
 
 from .helpers import BIG, fetch, make_run, make_step, new_run, payload_rows
 
@@ -303,6 +303,25 @@ async def test_load_and_delete_steps(store: SqlStore) -> None:
     assert list(await store.load_steps(other.id)) == ["a"]
     assert await store.load_steps("run_missing") == {}
 
+    await store.delete_steps(run.id, ["a", "par[x]/c", "not-there"])
+    assert await store.load_steps(run.id) == {}
+    assert list(await store.load_steps(other.id)) == ["a"]
+
+
+async def test_signal_once_is_sent_once_even_concurrently(store: SqlStore) -> None:
+    run = await new_run(store)
+    now = time.time()
+    results = await asyncio.gather(
+        *(store.send_signal_once(run.id, "approval:a", {"n": i}, now) for i in range(5))
+    )
+    assert sum(r is not None for r in results) == 1
+    assert [s.name for s in await store.list_signals(run.id)] == ["approval:a"]
+    # another run, or another name, is independent
+    other = await new_run(store)
+    assert await store.send_signal_once(other.id, "approval:a", None, now) is not None
+    assert await store.send_signal_once(run.id, "approval:b", None, now) is not None
+    assert await store.send_signal_once(run.id, "approval:a", None, now) is None
+
 
 async def test_save_step_fenced_by_owner(store: SqlStore) -> None:
     run = await new_run(store)
@@ -423,3 +442,23 @@ async def test_user_value_shaped_like_payload_ref_round_trips(store: SqlStore) -
     assert got.input == tricky
     await store.save_step(make_step(run.id, "a", output=tricky))
     assert (await store.load_steps(run.id))["a"].output == tricky
+
+
+async def test_signal_once_across_two_stores(store: SqlStore, store_url: str) -> None:
+    """Two processes (two stores, two connections) racing to decide: the unique index picks one."""
+    run = await new_run(store)
+    second = await open_store(store_url)
+    try:
+        now = time.time()
+        results = []
+        for _ in range(20):
+            name = f"approval:{len(results)}"
+            results.append(
+                await asyncio.gather(
+                    store.send_signal_once(run.id, name, "a", now),
+                    second.send_signal_once(run.id, name, "b", now),
+                )
+            )
+        assert all(sum(r is not None for r in pair) == 1 for pair in results)
+    finally:
+        await second.close()

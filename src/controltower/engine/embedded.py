@@ -33,7 +33,7 @@ from controltower.spec.errors import (
 )
 from controltower.spec.ids import new_id
 from controltower.spec.models import SubworkflowStep, WorkflowSpec
-from controltower.store import TERMINAL, RunRecord, SqlStore, WorkflowRecord, open_store
+from controltower.store import TERMINAL, RunFilter, RunRecord, SqlStore, WorkflowRecord, open_store
 from controltower.store.sql import dumps
 
 log = logging.getLogger("controltower.engine")
@@ -137,6 +137,7 @@ class EmbeddedEngine:
         parent: tuple[str, str] | None = None,
     ) -> str:
         """Start a run and return its id; a repeated idempotency key returns the first run."""
+        record: WorkflowRecord | None
         if isinstance(spec, str):
             record = await self.store.get_workflow(spec, version)
             if record is None:
@@ -146,7 +147,7 @@ class EmbeddedEngine:
                 )
             spec_obj, _ = await self.spec_for(record.name, record.version)
         else:
-            spec_obj, record = spec, await self.publish(spec, base_dir)
+            spec_obj, record = spec, None
         payload = _normalise_input(input)
         try:
             check_schema(payload, spec_obj.input_schema, f"input of workflow {spec_obj.name!r}")
@@ -154,6 +155,8 @@ class EmbeddedEngine:
             raise InvalidInputError(
                 exc.message, hint="fix the input or the workflow's input_schema"
             ) from None
+        if record is None:  # bad input writes nothing, not even a new version
+            record = await self.publish(spec_obj, base_dir)
         now = time.time()
         run = RunRecord(
             id=new_id("run"),
@@ -234,7 +237,7 @@ class EmbeddedEngine:
         self, run_id: str, step: str, *, approved: bool, by: str, comment: str | None = None
     ) -> str:
         """Record a decision on a waiting approval (by step id or key) and resume the run."""
-        run, records, signals = await self.store.load_state(run_id)
+        run, records, _signals = await self.store.load_state(run_id)
         if run is None:
             raise NotFoundError(f"no run {run_id!r}", hint="list runs with: tower runs")
         if run.status in TERMINAL:
@@ -253,10 +256,10 @@ class EmbeddedEngine:
                 hint="name one by its key: " + ", ".join(r.step_key for r in matches),
             )
         key = matches[0].step_key
-        if any(s.name == f"approval:{key}" for s in signals):
-            raise ConflictError(f"approval {key!r} of run {run_id} is already decided")
         data = {"approved": approved, "by": by, "comment": comment}
-        await self.store.send_signal(run_id, f"approval:{key}", data, time.time())
+        # the check and the write are one transaction (and a unique index): one decision wins
+        if await self.store.send_signal_once(run_id, f"approval:{key}", data, time.time()) is None:
+            raise ConflictError(f"approval {key!r} of run {run_id} is already decided")
         await self.wake(run_id)
         return key
 
@@ -289,6 +292,13 @@ class EmbeddedEngine:
         run = await self.get(run_id)
         if run.status != "failed":
             raise InvalidStateError(f"run {run_id} is {run.status}; only failed runs can be resumed")
+        # Steps whose effects compensation undid must run again: forget them, their compensation
+        # records, and every enclosing step (a parallel or loop that completed around them).
+        records = await self.store.load_steps(run_id)
+        undone = [k.removeprefix("compensate:") for k in records if k.startswith("compensate:")]
+        forget = {k for u in undone for k in (u, f"compensate:{u}")}
+        forget |= {k for k in records for u in undone if u.startswith((f"{k}[", f"{k}#"))}
+        await self.store.delete_steps(run_id, sorted(forget))
         ok = await self.store.set_run_status(
             run_id,
             "pending",
@@ -485,10 +495,25 @@ class EmbeddedEngine:
         if not finished:
             raise LeaseLostError(f"run {run.id} is no longer ours to finish; another engine took it over")
         self._notify(run.id)
+        await self._cancel_children(run.id, status)
         if run.parent_run_id and run.parent_step_key:
             data = {"run_id": run.id, "status": status}
             await self.store.send_signal(run.parent_run_id, f"child:{run.parent_step_key}", data, now)
             await self.wake(run.parent_run_id)
+
+    async def _cancel_children(self, run_id: str, status: str) -> None:
+        """A child run exists only for its parent: once the parent ends, its active children stop."""
+        active = ("pending", "running", "waiting")
+        before: str | None = None
+        while True:
+            flt = RunFilter(parent_run_id=run_id, status=active, limit=500, before_id=before)
+            children = await self.store.list_runs(flt)
+            for child in children:
+                with contextlib.suppress(InvalidStateError):
+                    await self.cancel(child.id, reason=f"parent run {run_id} is {status}")
+            if len(children) < flt.limit:
+                return
+            before = children[-1].id
 
     async def _beat(self) -> None:
         """Renew leases of the runs in progress; stop runs whose lease was lost or that were cancelled."""

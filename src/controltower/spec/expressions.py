@@ -66,15 +66,23 @@ class _Evaluator(simpleeval.EvalWithCompoundTypes):  # type: ignore[misc]
             return None
 
 
+_HINT = "expressions are Python-like, e.g. steps.check.output.score >= 0.8"
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(expr: str) -> ast.expr:
+    if not expr.strip():
+        raise ExpressionError("empty expression", hint=_HINT)
     try:
-        return _Evaluator.parse(expr)  # type: ignore[no-any-return]
+        tree = ast.parse(expr.strip())
     except SyntaxError as exc:
-        raise ExpressionError(
-            f"cannot parse expression {expr!r}: {exc.msg}",
-            hint="expressions are Python-like, e.g. steps.check.output.score >= 0.8",
-        ) from None
+        hint = _HINT
+        if any(k in expr for k in (".pass", ".if", ".else", ".in", ".not", ".and", ".or", ".class")):
+            hint = "a key that is a Python keyword needs subscript syntax, e.g. output['pass']"
+        raise ExpressionError(f"cannot parse expression {expr!r}: {exc.msg}", hint=hint) from None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        raise ExpressionError(f"{expr!r} is not a single expression", hint=_HINT)
+    return tree.body[0].value
 
 
 def check_syntax(expr: str) -> str | None:

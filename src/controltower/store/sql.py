@@ -559,6 +559,16 @@ class SqlStore:
 
         await self._one(fn)
 
+    async def delete_steps(self, run_id: str, step_keys: Sequence[str]) -> None:
+        """Delete several step records in one transaction (all or none)."""
+        keys = list(step_keys)
+
+        def fn(conn: Connection) -> None:
+            if keys:
+                conn.execute(t.steps.delete().where(t.steps.c.run_id == run_id, t.steps.c.step_key.in_(keys)))
+
+        await self._one(fn)
+
     # -- signals -------------------------------------------------------------
 
     async def send_signal(self, run_id: str, name: str, payload: Any, now: float) -> int:
@@ -571,6 +581,25 @@ class SqlStore:
 
         row = {"run_id": run_id, "name": name, "payload": dumps(payload), "created_at": now}
         result: int = await self._committer.submit(fn, row, key="signal")
+        return result
+
+    async def send_signal_once(self, run_id: str, name: str, payload: Any, now: float) -> int | None:
+        row = {"run_id": run_id, "name": name, "payload": dumps(payload), "created_at": now, "once_key": name}
+
+        def fn(conn: Connection) -> int | None:
+            seen = conn.execute(
+                sa.select(t.signals.c.id).where(t.signals.c.run_id == run_id, t.signals.c.once_key == name)
+            ).first()
+            if seen is not None:
+                return None
+            signal_id = int(conn.execute(_INSERT_SIGNAL, row).scalar_one())
+            conn.execute(_WAKE_RUN, {"_id": run_id, "ts": now})
+            return signal_id
+
+        try:
+            result: int | None = await self._one(fn)
+        except sa.exc.IntegrityError:  # another process sent it between our check and insert
+            return None
         return result
 
     async def list_signals(self, run_id: str) -> list[SignalRecord]:

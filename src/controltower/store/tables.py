@@ -78,7 +78,10 @@ signals = sa.Table(
     sa.Column("payload", sa.Text, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("consumed_at", sa.Float, nullable=True),
+    # set for signals that may be sent only once per run (an approval decision)
+    sa.Column("once_key", sa.String(200), nullable=True),
     sa.Index("ix_signals_run", "run_id", "name"),
+    sa.Index("ux_signals_once", "run_id", "once_key", unique=True),
 )
 
 payloads = sa.Table(

@@ -59,9 +59,11 @@ def upgrade() -> None:
     sa.Column('payload', sa.Text(), nullable=True),
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.Column('consumed_at', sa.Float(), nullable=True),
+    sa.Column('once_key', sa.String(length=200), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_signals_run', 'signals', ['run_id', 'name'], unique=False)
+    op.create_index('ux_signals_once', 'signals', ['run_id', 'once_key'], unique=True)
     op.create_table('steps',
     sa.Column('run_id', sa.String(length=40), nullable=False),
     sa.Column('step_key', sa.String(length=500), nullable=False),
@@ -95,6 +97,7 @@ def downgrade() -> None:
     op.drop_index('ix_workflows_digest', table_name='workflows')
     op.drop_table('workflows')
     op.drop_table('steps')
+    op.drop_index('ux_signals_once', table_name='signals')
     op.drop_index('ix_signals_run', table_name='signals')
     op.drop_table('signals')
     op.drop_index('ix_runs_workflow', table_name='runs')
