@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -27,6 +27,8 @@ from controltower.store.base import (
     WorkflowRecord,
 )
 from controltower.store.committer import GroupCommitter
+
+T = TypeVar("T")
 
 PAYLOAD_INLINE_LIMIT = 16 * 1024
 _REF = "$payload"
@@ -74,6 +76,21 @@ class SqlStore:
 
     async def _one(self, fn: Callable[[Connection], Any]) -> Any:
         return await self._committer.submit(lambda conn, _args: [fn(conn)])
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` inside one transaction on the store's thread (for the layers above).
+
+        The transaction is group-committed with other work; if ``fn`` raises, its own work is
+        rolled back, the exception reaches the caller, and the other jobs still commit.
+        Use ``self.dialect`` for the few statements that differ between SQLite and PostgreSQL.
+        """
+        result: T = await self._one(fn)
+        return result
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return str(self.engine.dialect.name)
 
     # -- JSON columns, with large values moved to the payload table ---------
 
