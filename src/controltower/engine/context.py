@@ -6,7 +6,11 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from controltower.spec.models import WorkflowSpec
+    from controltower.store.base import WorkflowRecord
 
 
 @dataclass(slots=True)
@@ -24,10 +28,44 @@ class StepContext:
     attempt: int
     tenant: str = "default"
     base_dir: str | None = None
+    agent: str | None = None
+    gate: ToolGate | None = field(default=None, repr=False)
+    spec: WorkflowSpec | None = field(default=None, repr=False)
+    workflow_version: int | None = None
+    _calls: int = 0
 
     @property
     def idempotency_key(self) -> str:
         return f"{self.run_id}:{self.step_key}"
+
+    async def call_tool(
+        self, tool: str, args: dict[str, Any] | None = None, **proposal: Any
+    ) -> dict[str, Any]:
+        """Call a tool through the governed gateway, as this step's agent.
+
+        Returns ``{"status": "ok", "output": ...}`` or, when the gateway stops the call,
+        ``{"status": "denied"|"drafted"|"error", "code": ..., "reason": ...}`` — a denial is
+        an answer to act on, not an exception. A call that needs approval parks the run;
+        after the decision the step runs again and earlier calls replay their recorded results.
+        ``proposal`` (e.g. ``reasoning=...``, ``data_read=[...]``) is shown to the approver.
+        """
+        if self.gate is None:
+            raise RuntimeError("no tool gateway is configured for this engine")
+        index = self._calls
+        self._calls += 1
+        call = ToolInvocation(
+            tool=tool,
+            args=args or {},
+            ctx=self,
+            agent=self.agent,
+            index=index,
+            proposal=proposal or None,
+        )
+        outcome = await self.gate.invoke(call)
+        if outcome.status == "pending_approval":
+            assert outcome.wait is not None
+            raise Parked([outcome.wait])
+        return outcome.for_agent()
 
     def now(self) -> float:
         return time.time()
@@ -75,3 +113,38 @@ def unit_random(*parts: object) -> float:
     """Deterministic float in [0, 1) from the given parts (jitter that replays identically)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class ToolInvocation:
+    """One tool call asked for by a tool step (``agent`` None) or by an agent inside its step."""
+
+    tool: str
+    args: Any
+    ctx: StepContext
+    agent: str | None = None
+    index: int = 0
+    proposal: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GateOutcome:
+    status: str  # ok | denied | pending_approval | drafted | error
+    output: Any = None
+    code: str | None = None
+    reason: str | None = None
+    retryable: bool = False
+    wait: WaitInfo | None = None
+
+    def for_agent(self) -> dict[str, Any]:
+        if self.status == "ok":
+            return {"status": "ok", "output": self.output}
+        return {"status": self.status, "code": self.code, "reason": self.reason}
+
+
+class ToolGate(Protocol):
+    """The engine's seam to the governed tool gateway (implemented in controltower.gateway)."""
+
+    async def invoke(self, call: ToolInvocation) -> GateOutcome: ...
+
+    async def on_publish(self, spec: WorkflowSpec, record: WorkflowRecord, base_dir: str | None) -> None: ...

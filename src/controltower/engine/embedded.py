@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from controltower.engine.context import Parked, RunCancelled, StepFailed
+from controltower.engine.context import Parked, RunCancelled, StepFailed, ToolGate
 from controltower.engine.interpreter import Interpreter
 from controltower.engine.payloads import check_schema
 from controltower.spec.errors import (
@@ -57,8 +57,10 @@ class EmbeddedEngine:
         lease: float = 30.0,
         poll_interval: float = 0.5,
         step_limits: dict[str, int] | None = None,
+        tool_gate: ToolGate | None = None,
     ) -> None:
         self.store = store
+        self.tool_gate = tool_gate
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{new_id('eng')[-6:]}"
         self.lease = lease
         self.poll_interval = poll_interval
@@ -107,6 +109,8 @@ class EmbeddedEngine:
         record = await self.store.publish(
             spec.name, spec.model_dump(mode="json"), spec_digest(spec), base_dir, time.time()
         )
+        if self.tool_gate is not None:  # the workflow's own tools join the registry, pinned to this version
+            await self.tool_gate.on_publish(spec, record, base_dir)
         self._published[id(spec)] = (spec, record)
         self._specs[(record.name, record.version)] = (spec, record.base_dir)
         return record

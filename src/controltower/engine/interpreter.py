@@ -21,6 +21,8 @@ from controltower.engine.context import (
     RunCancelled,
     StepContext,
     StepFailed,
+    ToolGate,
+    ToolInvocation,
     WaitInfo,
     unit_random,
 )
@@ -176,7 +178,10 @@ class Interpreter:
                 error = ErrorInfo.from_exception(exc).to_dict()
                 await self._save(key, step, step.kind, "failed", time.time(), payload, None, error=error)
                 raise StepFailed(key, error) from None
-            output = await self._durable_call(step, key, step.kind, payload, call, step.retry or NO_RETRY)
+            agent = step.agent if isinstance(step, AgentStep) else None
+            output = await self._durable_call(
+                step, key, step.kind, payload, call, step.retry or NO_RETRY, agent=agent
+            )
             return output, None
         if isinstance(step, RouteStep):
             return await self._route(step, scope, key)
@@ -197,6 +202,8 @@ class Interpreter:
     # -- leaves: tools and agents -------------------------------------------------
 
     def _tool_call(self, name: str) -> Callable[[Any, StepContext], Awaitable[Any]]:
+        if self.engine.tool_gate is not None:
+            return _gated_tool_call(self.engine.tool_gate, name)
         tool = self.spec.tools.get(name)
         if tool is None or tool.impl is None:
             raise StepFailure(f"tool {name!r} has no implementation in this workflow")
@@ -229,6 +236,8 @@ class Interpreter:
         payload: Any,
         call: Callable[[Any, StepContext], Awaitable[Any]],
         policy: RetryPolicy,
+        *,
+        agent: str | None = None,
     ) -> Any:
         """Call with retries and a timeout; commit the outcome before returning it."""
         prior = self.records.get(key)
@@ -245,6 +254,10 @@ class Interpreter:
                 attempt=attempt,
                 tenant=self.run.tenant,
                 base_dir=self.base_dir,
+                agent=agent,
+                gate=self.engine.tool_gate,
+                spec=self.spec,
+                workflow_version=self.run.version,
             )
             try:
                 async with limiter:
@@ -254,6 +267,14 @@ class Interpreter:
                         output = await call(payload, ctx)
                 check_schema(output, step.output_schema, f"output of step {step.id!r}")
             except asyncio.CancelledError:
+                raise
+            except Parked:
+                # a governed tool call waits for approval: the step waits with it, and runs
+                # again after the decision (calls that completed replay their results)
+                detail = {"waiting_for": "approval"}
+                await self._save(
+                    key, step, kind, "waiting", started, payload, None, attempt - 1, detail=detail
+                )
                 raise
             except Exception as exc:
                 error = ErrorInfo.from_exception(exc)
@@ -487,7 +508,9 @@ class Interpreter:
         rec = self.records.get(key)
         if rec is not None and rec.status == "completed":
             return rec.output
-        return await self._durable_call(step, key, "agent", payload, self._agent_call(agent), policy)
+        return await self._durable_call(
+            step, key, "agent", payload, self._agent_call(agent), policy, agent=agent
+        )
 
     # -- parking: approvals, waits, child runs ---------------------------------
 
@@ -717,3 +740,28 @@ def _check_tasks(tasks: Any, step: DelegateStep) -> str | None:
             worker = task.get("worker") if isinstance(task, dict) else task
             return f"task {i} names worker {worker!r}; allowed: {allowed}"
     return None
+
+
+class ToolCallStopped(StepFailure):
+    """The gateway stopped a tool step (denied, rejected, over budget, ...): a typed outcome."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.code = code
+
+
+def _gated_tool_call(gate: ToolGate, name: str) -> Callable[[Any, StepContext], Awaitable[Any]]:
+    async def call(payload: Any, ctx: StepContext) -> Any:
+        outcome = await gate.invoke(ToolInvocation(tool=name, args=payload, ctx=ctx))
+        if outcome.status == "ok":
+            return outcome.output
+        if outcome.status == "drafted":
+            return {"status": "drafted", "tool": name, "args": payload, "reason": outcome.reason}
+        if outcome.status == "pending_approval":
+            assert outcome.wait is not None
+            raise Parked([outcome.wait])
+        raise ToolCallStopped(
+            outcome.code or outcome.status, outcome.reason or outcome.status, retryable=outcome.retryable
+        )
+
+    return call

@@ -43,6 +43,7 @@ def parse_duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Ident = Annotated[str, Field(pattern=IDENT_PATTERN, max_length=64)]
+AutonomyLevel = Literal["draft_only", "approve_writes", "autonomous_low_risk", "expanded"]
 
 
 class _Model(BaseModel):
@@ -178,7 +179,7 @@ class AgentSpec(_Model):
     endpoint: str | None = None
     tools: list[str] = Field(default_factory=list)
     output_schema: dict[str, Any] | None = None
-    autonomy: Literal["draft_only", "approve_writes", "autonomous_low_risk", "expanded"] = "approve_writes"
+    autonomy: AutonomyLevel = "approve_writes"
     budget: BudgetSpec | None = None
 
     @model_validator(mode="after")
@@ -374,6 +375,27 @@ STEP_KINDS: tuple[str, ...] = (
 )
 
 
+class GovernanceSpec(_Model):
+    """How the gateway treats this workflow's tool calls, on top of policy (which decides first)."""
+
+    autonomy: AutonomyLevel = Field(
+        default="approve_writes",
+        description="Level for tool steps and the ceiling for agents: a level only tightens policy.",
+    )
+    risk_threshold: Literal["low", "medium", "high"] = Field(
+        default="low", description="autonomous_low_risk runs writes at or below this risk."
+    )
+    approval_sla: Duration | None = Field(default=None, description="How long an approval may wait.")
+    on_approval_timeout: Literal["escalate", "fail"] = "fail"
+    escalate_to: str | None = Field(default=None, description="Group that gets an approval past its SLA.")
+
+    @model_validator(mode="after")
+    def _escalation_needs_group(self) -> GovernanceSpec:
+        if self.on_approval_timeout == "escalate" and not self.escalate_to:
+            raise ValueError("on_approval_timeout: escalate needs escalate_to: GROUP")
+        return self
+
+
 class WorkflowSpec(_Model):
     """A whole workflow: trigger(s) -> steps -> output, with owner, budget and KPIs."""
 
@@ -392,6 +414,7 @@ class WorkflowSpec(_Model):
     budget: BudgetSpec | None = None
     kpis: list[KPISpec] = Field(default_factory=list)
     concurrency: ConcurrencySpec = Field(default_factory=ConcurrencySpec)
+    governance: GovernanceSpec = Field(default_factory=GovernanceSpec)
     labels: dict[str, str] = Field(default_factory=dict)
 
 

@@ -159,7 +159,7 @@ approvals = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("decided_at", sa.Float, nullable=True),
     sa.Column("consumed_at", sa.Float, nullable=True),
-    sa.UniqueConstraint("call_key", "escalations", name="uq_approvals_call"),
+    sa.UniqueConstraint("call_key", name="uq_approvals_call"),
     sa.Index("ix_approvals_inbox", "tenant", "status", "created_at"),
     sa.Index("ix_approvals_run", "run_id"),
 )

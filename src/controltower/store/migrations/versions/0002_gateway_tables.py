@@ -46,7 +46,7 @@ def upgrade() -> None:
     sa.Column('decided_at', sa.Float(), nullable=True),
     sa.Column('consumed_at', sa.Float(), nullable=True),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('call_key', 'escalations', name='uq_approvals_call')
+    sa.UniqueConstraint('call_key', name='uq_approvals_call')
     )
     with op.batch_alter_table('approvals', schema=None) as batch_op:
         batch_op.create_index('ix_approvals_inbox', ['tenant', 'status', 'created_at'], unique=False)
