@@ -71,7 +71,7 @@ async def test_executor_bound_or_rebuilt_from_reference(store: SqlStore) -> None
     execute = other.executor(await other.resolve("util.echo"))
     ctx = ExecContext(tool=echo, env="dev", idempotency_key="k")
     assert await execute({"a": 1}, ctx) == {"a": 1}
-    remote = tool("mcp.thing", source="mcp", source_ref={"tool": "thing"})
+    remote = tool("mystery.thing", source="python", source_ref={})  # nothing to rebuild it from
     await reg.register(remote)
     with pytest.raises(ToolUnavailableError):
         other.executor(remote)

@@ -63,12 +63,61 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | No
     return wrapper
 
 
-async def with_engine(ctx: click.Context, body: Callable[[EmbeddedEngine], Awaitable[T]]) -> T:
+def policy_dir(ctx: click.Context, base_dir: str | None = None) -> str | None:
+    """--policies / TOWER_POLICIES, else a ``policies/`` folder beside the workflow file."""
+    chosen: str | None = ctx.obj.get("policies")
+    if chosen:
+        return chosen
+    if base_dir is not None and (Path(base_dir) / "policies").is_dir():
+        return str(Path(base_dir) / "policies")
+    return None
+
+
+async def with_engine(
+    ctx: click.Context, body: Callable[[EmbeddedEngine], Awaitable[T]], *, base_dir: str | None = None
+) -> T:
+    """Open the engine; with policies configured, every tool call goes through the gateway."""
     engine = await EmbeddedEngine.open(ctx.obj["db"])
     try:
+        texts = await gather_policies(ctx, engine, base_dir)
+        if texts is not None:
+            from controltower.gateway.engine_gate import GovernedToolGate
+            from controltower.gateway.pipeline import open_gateway
+
+            gateway = await open_gateway(engine.store, policy_texts=texts, env=ctx.obj["env"])
+            engine.tool_gate = GovernedToolGate(gateway)
         return await body(engine)
     finally:
         await engine.close()
+
+
+async def gather_policies(
+    ctx: click.Context, engine: EmbeddedEngine, base_dir: str | None
+) -> dict[str, str] | None:
+    """The policy texts to govern with, or None when nothing is governed.
+
+    Explicit --policies wins. Otherwise the ``policies/`` folders beside the workflow
+    being run and beside every published workflow are merged, so a worker or an approval
+    that continues a governed run is governed too.
+    """
+    from controltower.gateway.policy import read_policy_dir
+
+    chosen = policy_dir(ctx, base_dir)
+    if ctx.obj.get("policies"):
+        return read_policy_dir(ctx.obj["policies"])
+    dirs: dict[str, str] = {}
+    if chosen is not None:
+        dirs[chosen] = Path(chosen).parent.name
+    for record in await engine.store.list_workflows():
+        if record.base_dir and (Path(record.base_dir) / "policies").is_dir():
+            dirs.setdefault(str(Path(record.base_dir) / "policies"), record.name)
+    if not dirs:
+        return None
+    texts: dict[str, str] = {}
+    for folder, label in sorted(dirs.items()):
+        for name, text in read_policy_dir(folder).items():
+            texts[f"{label}/{name}"] = text
+    return texts
 
 
 def parse_input(raw: str | None) -> Any:
@@ -119,12 +168,30 @@ def load_target(target: str) -> tuple[Any, str | None]:
     default=None,
     help="Store URL (sqlite:///file.db or postgresql://...). Default: .tower/tower.db",
 )
+@click.option(
+    "--policies",
+    envvar="TOWER_POLICIES",
+    default=None,
+    help="Directory of Cedar policies: tool calls go through the governed gateway. "
+    "Default: a policies/ folder beside the workflow file, if there is one.",
+)
+@click.option(
+    "--env",
+    "env_name",
+    envvar="TOWER_ENV",
+    default="dev",
+    show_default=True,
+    type=click.Choice(["dev", "staging", "prod"]),
+    help="Environment: picks tool bindings and credentials; prod is stricter.",
+)
 @click.version_option(__version__, prog_name="tower")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None) -> None:
+def cli(ctx: click.Context, db: str | None, policies: str | None, env_name: str) -> None:
     """Control Tower: run governed, durable agent workflows."""
     ctx.ensure_object(dict)
     ctx.obj["db"] = db
+    ctx.obj["policies"] = policies
+    ctx.obj["env"] = env_name
 
 
 @cli.command()
@@ -170,7 +237,7 @@ async def publish(ctx: click.Context, file: str) -> None:
         record = await engine.publish(spec, base_dir)
         out.print(f"published {record.name} version {record.version} ({record.digest[:12]})")
 
-    await with_engine(ctx, body)
+    await with_engine(ctx, body, base_dir=base_dir)
 
 
 @cli.command()
@@ -230,7 +297,7 @@ async def run(
         if info.status == "failed":
             sys.exit(EXIT_ERROR)
 
-    await with_engine(ctx, body)
+    await with_engine(ctx, body, base_dir=base_dir)
 
 
 @cli.command()
@@ -380,6 +447,15 @@ async def demo(ctx: click.Context, tickets: int) -> None:
     from controltower.cli.demo import run_demo
 
     await run_demo(ctx.obj["db"], tickets, out)
+
+
+def _register_governance() -> None:
+    from controltower.cli.governance import register
+
+    register(cli)
+
+
+_register_governance()
 
 
 def main() -> None:

@@ -101,6 +101,8 @@ def run_summary(r: RunRecord) -> Group:
                 lines.append(
                     Text(f"  decide: tower approve {r.id} {key}   (or: tower reject ... --reason ...)")
                 )
+            elif kind == "tool_approval":
+                lines.append(Text(f"  a governed tool call at {key} needs approval: tower approvals"))
             elif kind == "event":
                 lines.append(Text(f"  send:   tower signal {r.id} EVENT --data '{{...}}'"))
     if r.error:

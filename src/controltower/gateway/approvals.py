@@ -77,7 +77,7 @@ class ApprovalRequest:
 
     @property
     def edited(self) -> bool:
-        return self.approved_digest is not None and self.approved_digest != self.digest
+        return self.approved_args is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -103,6 +103,7 @@ class ApprovalBook:
         args: dict[str, Any],
         risk: str,
         group: str | None,
+        digest: str | None = None,
         run_id: str | None = None,
         step_key: str | None = None,
         workflow: str | None = None,
@@ -110,7 +111,11 @@ class ApprovalBook:
         context: dict[str, Any] | None = None,
         due_at: float | None = None,
     ) -> tuple[ApprovalRequest, bool]:
-        """The request for this call, created on first ask; ``(request, created)``."""
+        """The request for this call, created on first ask; ``(request, created)``.
+
+        ``args`` is what approvers see (secrets already redacted); ``digest`` is of the real
+        arguments (default: of ``args``), so the approval binds what will actually run.
+        """
         now = time.time()
         row = {
             "id": new_id("apr"),
@@ -123,7 +128,7 @@ class ApprovalBook:
             "tool": tool,
             "tool_version": tool_version,
             "args": json.dumps(args, sort_keys=True),
-            "digest": args_digest(tool, tool_version, args),
+            "digest": digest or args_digest(tool, tool_version, args),
             "context": json.dumps(context or {}, sort_keys=True, default=str),
             "risk": risk,
             "approval_group": group,
@@ -216,19 +221,22 @@ class ApprovalBook:
             raise ConflictError(f"approval {approval_id} is already {req.status}")
         if not approve and not (reason or "").strip():
             raise InvalidInputError("a rejection needs a reason", hint="pass --reason 'why'")
-        final_args = req.args
-        if approve and edited_args is not None:
-            if check_edit is not None:
-                await check_edit(req, edited_args)
-            final_args = edited_args
-        digest = args_digest(req.tool, req.tool_version, final_args) if approve else None
+        # approved as asked: bound to the request's digest, the caller's own arguments run;
+        # edited: the approver's arguments run, bound to their new digest
+        digest: str | None = None
+        if approve:
+            digest = req.digest
+            if edited_args is not None:
+                if check_edit is not None:
+                    await check_edit(req, edited_args)
+                digest = args_digest(req.tool, req.tool_version, edited_args)
         now = time.time()
         values = {
             "status": "approved" if approve else "rejected",
             "decided_by": approver.name,
             "decided_role": approver.role,
             "reason": reason,
-            "approved_args": json.dumps(final_args, sort_keys=True) if approve else None,
+            "approved_args": json.dumps(edited_args, sort_keys=True) if approve and edited_args else None,
             "approved_digest": digest,
             "decided_at": now,
         }

@@ -49,7 +49,7 @@ class ToolRegistry:
         self._exact: dict[tuple[str, str, str], ToolDefinition] = {}
         self._latest: dict[tuple[str, str], tuple[float, ToolDefinition]] = {}
         self._executors: dict[tuple[str, str, str], Executor] = {}
-        self._builders: dict[str, Any] = {}
+        self._mcp: Any = None
 
     # -- registering ---------------------------------------------------------------
 
@@ -185,10 +185,35 @@ class ToolRegistry:
         return built
 
     def _rebuild(self, tool: ToolDefinition) -> Executor | None:
-        impl = tool.source_ref.get("impl")
+        """An executor from the definition alone, for tools registered by another process."""
+        ref = tool.source_ref
+        impl = ref.get("impl")
+        if tool.source == "python" and ref.get("calling") == "kwargs" and isinstance(impl, str):
+            from controltower.gateway.sources.python import load_python_tool
+
+            return load_python_tool(impl, base_dir=ref.get("base_dir"))[1]
         if tool.source in ("python", "spec", "builtin") and isinstance(impl, str):
-            return python_executor(impl, tool.source_ref.get("base_dir"))
+            return python_executor(impl, ref.get("base_dir"))
+        if tool.source == "openapi":
+            from controltower.gateway.sources.openapi import openapi_executor
+
+            return openapi_executor(tool)
+        if tool.source == "mcp":
+            try:
+                from controltower.gateway.sources.mcp import MCPConnections
+            except ImportError:  # the mcp extra is not installed
+                return None
+            if self._mcp is None:
+                self._mcp = MCPConnections()
+            executor: Executor = self._mcp.executor(tool)
+            return executor
         return None
+
+    async def aclose(self) -> None:
+        """Close connections opened for rebuilt executors (MCP sessions)."""
+        if self._mcp is not None:
+            await self._mcp.aclose()
+            self._mcp = None
 
 
 def python_executor(impl: str, base_dir: str | None = None) -> Executor:

@@ -1,0 +1,599 @@
+"""Hierarchical budgets: every charged call reserves on its run, workflow, department and tenant.
+
+Why reservations: a call's price is known (or estimated) before it runs and charged after,
+and several calls run at once. Reserving first makes the cap exact under concurrency:
+``used + reserved`` never passes the cap, however many coroutines or processes race.
+
+How it stays exact:
+
+- :meth:`BudgetLedger.reserve` charges every scope with ONE conditional ``UPDATE ... SET
+  reserved = reserved + :n WHERE ... AND used + reserved + :n <= cap RETURNING scope``. If a
+  scope refuses, the job undoes exactly what it charged (those rows stay locked by its own
+  transaction) and returns the error as a value: nothing is charged anywhere, and the other
+  jobs of the group-committed batch are not rolled back and re-run.
+- The reservation row's primary key is the caller's key (run, step, call): reserving the
+  same key again (a retry, a replay after a crash, a racing process) returns the existing
+  reservation instead of charging twice.
+- On PostgreSQL every transaction that changes a tenant's budgets first takes a per-tenant
+  advisory transaction lock. All budget rows of a tenant are therefore changed by one
+  transaction at a time, which also rules out lock-order deadlocks between group-committed
+  batches; the rare remaining deadlock (batches spanning several tenants) is retried.
+
+Units are integers: ``micros`` (micro-units of the currency) and ``tokens``.
+
+Crashed processes leave reservations behind; :meth:`BudgetLedger.expire_stale` returns them.
+The engine should call it from its maintenance loop (say once a minute) with ``older_than``
+longer than the longest a call may legitimately hold a reservation — the tool timeout, and
+the approval wait when the reservation is taken before the approval. Expiring a live call's
+reservation is not a loss: its later :meth:`~BudgetLedger.commit` still charges the actual
+amount (as overspend if the cap was used meanwhile), it only loosens the cap in between.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from controltower.gateway.ratelimit import BUDGET_LOCK_CLASS, PG_LOCK, run_retrying
+from controltower.spec.errors import ConflictError, InvalidInputError, NotFoundError, TowerError
+from controltower.spec.models import BudgetSpec
+from controltower.store import SqlStore
+from controltower.store import tables as t
+
+UNITS: tuple[str, ...] = ("micros", "tokens")
+_SCOPE = re.compile(r"^(tenant|department|workflow|run):\S.{0,290}$")
+
+
+def budget_scopes(
+    tenant: str, *, department: str | None = None, workflow: str | None = None, run: str | None = None
+) -> list[str]:
+    """The scope strings of one call, narrowest first: run, workflow, department, tenant."""
+    scopes = [f"run:{run}"] if run else []
+    if workflow:
+        scopes.append(f"workflow:{workflow}")
+    if department:
+        scopes.append(f"department:{department}")
+    scopes.append(f"tenant:{tenant}")
+    return scopes
+
+
+class BudgetExceeded(TowerError):
+    """A reservation would take a capped budget over its cap; nothing was charged anywhere."""
+
+    code = "budget_exceeded"
+
+    def __init__(
+        self, *, tenant: str, scope: str, unit: str, cap: int, used: int, reserved: int, requested: int
+    ) -> None:
+        self.tenant, self.scope, self.unit = tenant, scope, unit
+        self.cap, self.used, self.reserved, self.requested = cap, used, reserved, requested
+        self.over = used + reserved + requested - cap
+        super().__init__(
+            f"budget {scope} ({unit}) of tenant {tenant!r} would be exceeded by {self.over} {unit}: "
+            f"cap {cap}, used {used}, reserved by calls in flight {reserved}, requested {requested}",
+            hint=f"raise the {unit} cap of {scope}, wait for calls in flight to finish, or ask for less",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One call's claim on its budgets. ``status``: reserved | committed | released."""
+
+    key: str
+    tenant: str
+    scopes: tuple[str, ...]
+    unit: str
+    amount: int
+    status: str
+    actual: int | None
+    created_at: float
+    settled_at: float | None
+    replayed: bool = False  # an existing reservation returned as is: this call charged or settled nothing
+
+    @property
+    def charged(self) -> int:
+        """What the budgets hold for this call now: the reserve, the actual amount, or nothing."""
+        if self.status == "reserved":
+            return self.amount
+        if self.status == "committed":
+            return self.actual or 0
+        return 0
+
+    @property
+    def overspend(self) -> int:
+        """How much more than reserved was charged at commit (not checked against the caps)."""
+        if self.status != "committed" or self.actual is None:
+            return 0
+        return max(0, self.actual - self.amount)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    """One budget's state; ``remaining`` is None without a cap, never negative (overspend is in used)."""
+
+    cap: int | None
+    used: int
+    reserved: int
+    remaining: int | None
+    scope: str = ""
+    unit: str = ""
+
+
+def _usage(cap: int | None, used: int, reserved: int, scope: str, unit: str) -> BudgetUsage:
+    remaining = None if cap is None else max(0, cap - used - reserved)
+    return BudgetUsage(cap, used, reserved, remaining, scope, unit)
+
+
+class BudgetLedger:
+    """Caps, reservations and usage per (tenant, scope, unit), kept in the store."""
+
+    def __init__(self, store: SqlStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self._pg = store.dialect == "postgresql"
+        self._insert: Callable[[sa.Table], Any] = store.insert
+        self._claim = _claim_statement(store.insert)
+
+    # -- caps and usage ------------------------------------------------------
+
+    async def set_cap(self, tenant: str, scope: str, unit: str, cap: int | None) -> None:
+        """Set (or with ``None`` remove) the cap of one budget; usage is kept.
+
+        A cap below what is already used or reserved is allowed: it refuses new reservations.
+        """
+        _check_budget(tenant, scope, unit)
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise InvalidInputError(f"budget cap must be a whole number >= 0 or None, got {cap!r}")
+
+        def fn(conn: Connection) -> None:
+            self._lock(conn, tenant)
+            stmt = self._insert(t.budgets).values(
+                tenant=tenant, scope=scope, unit=unit, cap=cap, used=0, reserved=0, updated_at=self._clock()
+            )
+            excluded = stmt.excluded
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant", "scope", "unit"],
+                    set_={"cap": excluded.cap, "updated_at": excluded.updated_at},
+                )
+            )
+
+        await run_retrying(self._store, fn)
+
+    async def usage(self, tenant: str, scope: str, unit: str) -> BudgetUsage:
+        """Cap, used, reserved and remaining of one budget (zeros when never charged)."""
+
+        def fn(conn: Connection) -> BudgetUsage:
+            row = conn.execute(
+                sa.select(t.budgets.c.cap, t.budgets.c.used, t.budgets.c.reserved).where(
+                    t.budgets.c.tenant == tenant, t.budgets.c.scope == scope, t.budgets.c.unit == unit
+                )
+            ).first()
+            if row is None:
+                return _usage(None, 0, 0, scope, unit)
+            return _usage(row.cap, int(row.used), int(row.reserved), scope, unit)
+
+        return await self._store.run(fn)
+
+    async def usages(self, tenant: str) -> list[BudgetUsage]:
+        """Every budget of a tenant, ordered by scope and unit."""
+
+        def fn(conn: Connection) -> list[BudgetUsage]:
+            b = t.budgets.c
+            rows = conn.execute(
+                sa.select(b.scope, b.unit, b.cap, b.used, b.reserved)
+                .where(b.tenant == tenant)
+                .order_by(b.scope, b.unit)
+            )
+            return [_usage(r.cap, int(r.used), int(r.reserved), r.scope, r.unit) for r in rows]
+
+        return await self._store.run(fn)
+
+    async def reservation(self, key: str) -> Reservation | None:
+        return await self._store.run(lambda conn: _load(conn, key))
+
+    # -- reserve / commit / release -----------------------------------------
+
+    async def reserve(
+        self, key: str, tenant: str, scopes: Sequence[str], unit: str, amount: int
+    ) -> Reservation:
+        """Reserve ``amount`` on every scope, atomically, or raise :class:`BudgetExceeded`.
+
+        Idempotent by ``key``: if the key is already reserved or settled, that reservation is
+        returned (``replayed=True``) and nothing is charged. A released key is reserved again.
+        Scopes without a budget row are created as track-only (no cap).
+        """
+        wanted = _scopes(tenant, scopes, unit)
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise InvalidInputError(f"budget amount must be a whole number >= 0, got {amount!r}")
+        if not key or len(key) > 600:
+            raise InvalidInputError("reservation key must be 1 to 600 characters (run, step and call)")
+        order = sorted(set(wanted))  # the same lock order for every transaction
+        params = {"t": tenant, "u": unit, "scopes": order, "n": amount}
+
+        def fn(conn: Connection) -> Reservation | BudgetExceeded:
+            now = self._clock()
+            self._lock(conn, tenant)
+            fresh = Reservation(key, tenant, tuple(wanted), unit, amount, "reserved", None, now, None)
+            for attempt in range(2):
+                previous = None
+                if (
+                    conn.execute(self._claim, {**_row(fresh), "created_at": now}).first() is None
+                ):  # key exists
+                    previous = _load(conn, key)
+                    if previous is None:
+                        raise ConflictError(f"reservation {key!r} was purged concurrently", hint="retry")
+                    _same(previous, tenant, unit, wanted)
+                    if previous.status != "released":
+                        return replace(previous, replayed=True)
+                    if conn.execute(_REWRITE, _rewrite("released", fresh)).rowcount != 1:
+                        raise ConflictError(f"reservation {key!r} changed concurrently", hint="retry")
+                charged = [row[0] for row in conn.execute(_CHARGE, {**params, "now": now})]
+                if len(charged) == len(order):
+                    return fresh
+                # undo this attempt exactly: the rows stay locked by this transaction
+                if charged:
+                    conn.execute(_UNCHARGE, {**params, "scopes": charged, "now": now})
+                if previous is None:
+                    conn.execute(_DELETE_RES, {"b_key": key})
+                else:
+                    conn.execute(_REWRITE, _rewrite("reserved", previous))
+                if attempt == 0:  # perhaps only rows missing: create them (track-only), try again
+                    self._create_missing(conn, tenant, unit, order, now)
+            return _exceeded(conn, tenant, unit, wanted, amount)
+
+        result = await run_retrying(self._store, fn)
+        if isinstance(result, BudgetExceeded):
+            raise result
+        return result
+
+    async def commit(self, key: str, actual: int) -> Reservation:
+        """Settle a reservation at the ``actual`` amount and return the rest; idempotent.
+
+        ``actual`` may exceed the reservation: the call has happened, so the whole amount is
+        charged even past a cap (see :attr:`Reservation.overspend`); the next reservation then
+        fails. Committing a reservation that was released (e.g. expired while the call ran)
+        charges ``actual`` too. A second commit changes nothing and returns the first result.
+        """
+        if isinstance(actual, bool) or not isinstance(actual, int) or actual < 0:
+            raise InvalidInputError(f"actual budget amount must be a whole number >= 0, got {actual!r}")
+
+        def fn(conn: Connection) -> Reservation | NotFoundError:
+            for _ in range(3):
+                for old in ("reserved", "released"):
+                    res = self._transition(conn, key, old, "committed", actual)
+                    if res is not None:
+                        self._move(conn, res, res.amount if old == "reserved" else 0, actual)
+                        return res
+                res = _load(conn, key)
+                if res is None:
+                    return NotFoundError(
+                        f"no budget reservation with key {key!r}", hint="reserve before committing"
+                    )
+                if res.status == "committed":
+                    return replace(res, replayed=True)
+            raise ConflictError(f"reservation {key!r} keeps changing concurrently", hint="retry")
+
+        result = await run_retrying(self._store, fn)
+        if isinstance(result, NotFoundError):
+            raise result
+        return result
+
+    async def release(self, key: str) -> Reservation | None:
+        """Give a reservation back (the call did not happen); idempotent.
+
+        Releasing a committed or released reservation changes nothing; an unknown key
+        (the reservation never happened) returns None.
+        """
+
+        def fn(conn: Connection) -> Reservation | None:
+            res = self._transition(conn, key, "reserved", "released", None)
+            if res is not None:
+                self._move(conn, res, res.amount, 0)
+                return res
+            res = _load(conn, key)
+            return None if res is None else replace(res, replayed=True)
+
+        return await run_retrying(self._store, fn)
+
+    async def expire_stale(self, older_than: float, *, limit: int = 1000) -> int:
+        """Release reservations still open ``older_than`` seconds after they were made.
+
+        For reservations left by crashed processes; returns how many were released. See the
+        module docstring for how often and with what age to call it.
+        """
+        if older_than < 0:
+            raise InvalidInputError("older_than must be >= 0 seconds")
+
+        def fn(conn: Connection) -> int:
+            r = t.budget_reservations.c
+            cutoff = self._clock() - older_than
+            rows = conn.execute(
+                sa.select(r.key, r.tenant)
+                .where(r.status == "reserved", r.created_at < cutoff)
+                .order_by(r.tenant, r.key)
+                .limit(limit)
+            ).all()
+            for tenant in sorted({row.tenant for row in rows}):
+                self._lock(conn, tenant)
+            released = 0
+            for row in rows:  # guarded by status and age: either may have changed since the select
+                res = self._transition(conn, row.key, "reserved", "released", None, cutoff=cutoff)
+                if res is not None:
+                    self._move(conn, res, res.amount, 0)
+                    released += 1
+            return released
+
+        return await run_retrying(self._store, fn)
+
+    async def purge_settled(self, older_than: float) -> int:
+        """Delete committed and released reservations settled ``older_than`` seconds ago.
+
+        Keeps the reservation table small. A key purged this way is no longer idempotent:
+        reserving it again charges again, so keep ``older_than`` beyond any replay window.
+        """
+
+        def fn(conn: Connection) -> int:
+            r = t.budget_reservations.c
+            stmt = t.budget_reservations.delete().where(
+                r.status.in_(("committed", "released")), r.settled_at < self._clock() - older_than
+            )
+            return int(conn.execute(stmt).rowcount)
+
+        return await self._store.run(fn)
+
+    # -- inside the transaction ----------------------------------------------
+
+    def _lock(self, conn: Connection, tenant: str) -> None:
+        if self._pg:
+            conn.execute(PG_LOCK, {"cls": BUDGET_LOCK_CLASS, "key": tenant})
+
+    def _transition(
+        self,
+        conn: Connection,
+        key: str,
+        old: str,
+        new: str,
+        actual: int | None,
+        *,
+        cutoff: float | None = None,
+    ) -> Reservation | None:
+        """Move a reservation from status ``old`` to ``new`` with one guarded UPDATE, then lock
+        its tenant; None if it is not in status ``old`` (or not made before ``cutoff``)."""
+        values = {"b_key": key, "old": old, "b_status": new, "b_actual": actual, "now": self._clock()}
+        if cutoff is None:
+            row = conn.execute(_TRANSITION, values).first()
+        else:
+            row = conn.execute(_EXPIRE, {**values, "cutoff": cutoff}).first()
+        if row is None:
+            return None
+        res = _reservation(row)
+        self._lock(conn, res.tenant)
+        return res
+
+    def _move(self, conn: Connection, res: Reservation, held: int, charge: int | None) -> None:
+        """Take ``held`` off ``reserved`` and add ``charge`` to ``used`` on every scope."""
+        scopes = sorted(set(res.scopes))
+        values = {"t": res.tenant, "u": res.unit, "scopes": scopes, "held": held, "charge": charge or 0}
+        changed = conn.execute(_SETTLE, {**values, "now": self._clock()}).rowcount
+        if changed != len(scopes):  # budget rows deleted by hand: refuse rather than lose money
+            raise ConflictError(
+                f"budget rows of reservation {res.key!r} are missing ({changed} of {len(scopes)} found)",
+                hint="do not delete budget rows that have open reservations",
+            )
+
+    def _create_missing(
+        self, conn: Connection, tenant: str, unit: str, scopes: list[str], now: float
+    ) -> None:
+        base = {"tenant": tenant, "unit": unit, "cap": None, "used": 0, "reserved": 0, "updated_at": now}
+        conn.execute(self._insert(t.budgets).on_conflict_do_nothing(), [{**base, "scope": s} for s in scopes])
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _check_budget(tenant: str, scope: str, unit: str) -> None:
+    if not tenant or len(tenant) > 64:
+        raise InvalidInputError(f"tenant must be 1 to 64 characters, got {tenant!r}")
+    if not _SCOPE.match(scope):
+        raise InvalidInputError(
+            f"invalid budget scope {scope!r}",
+            hint="use tenant:<t>, department:<d>, workflow:<w> or run:<id> (at most 300 characters)",
+        )
+    if unit not in UNITS:
+        raise InvalidInputError(f"budget unit must be one of {', '.join(UNITS)}, got {unit!r}")
+
+
+def _scopes(tenant: str, scopes: Sequence[str], unit: str) -> list[str]:
+    if isinstance(scopes, str):
+        raise InvalidInputError("scopes must be a list of scope strings, not one string")
+    wanted = list(dict.fromkeys(scopes))
+    if not wanted:
+        raise InvalidInputError("a reservation needs at least one scope", hint="e.g. ['tenant:acme']")
+    for scope in wanted:
+        _check_budget(tenant, scope, unit)
+    return wanted
+
+
+def _load(conn: Connection, key: str) -> Reservation | None:
+    row = conn.execute(_SELECT_RES, {"key": key}).first()
+    return None if row is None else _reservation(row)
+
+
+def _row(r: Reservation) -> dict[str, Any]:
+    scopes = json.dumps(list(r.scopes))
+    return dict(key=r.key, tenant=r.tenant, scopes=scopes, unit=r.unit, amount=r.amount, status=r.status)
+
+
+def _rewrite(old: str, r: Reservation) -> dict[str, Any]:
+    """Parameters of ``_REWRITE``: from status ``old`` to exactly ``r``."""
+    names = ("b_key", "b_amount", "b_status", "b_actual", "b_created_at", "b_settled_at")
+    values = (r.key, r.amount, r.status, r.actual, r.created_at, r.settled_at)
+    return {"old": old, **dict(zip(names, values, strict=True))}
+
+
+def _reservation(row: sa.Row[Any]) -> Reservation:
+    actual = None if row.actual is None else int(row.actual)
+    scopes, amount = tuple(json.loads(row.scopes)), int(row.amount)
+    return Reservation(
+        row.key, row.tenant, scopes, row.unit, amount, row.status, actual, row.created_at, row.settled_at
+    )
+
+
+def _same(res: Reservation, tenant: str, unit: str, scopes: list[str]) -> None:
+    if res.tenant != tenant or res.unit != unit or sorted(res.scopes) != sorted(scopes):
+        raise ConflictError(
+            f"reservation key {res.key!r} is already used for tenant {res.tenant!r}, unit {res.unit}, "
+            f"scopes {list(res.scopes)}",
+            hint="use one key per call (run, step, call) and the same scopes when replaying it",
+        )
+
+
+def _exceeded(conn: Connection, tenant: str, unit: str, scopes: list[str], amount: int) -> BudgetExceeded:
+    b = t.budgets.c
+    rows = conn.execute(
+        sa.select(b.scope, b.cap, b.used, b.reserved)
+        .where(b.tenant == tenant, b.unit == unit, b.scope.in_(scopes))
+        .with_for_update()
+    )
+    found = {row.scope: row for row in rows}
+    for scope in scopes:  # the caller's order: narrowest first
+        row = found.get(scope)
+        if row is not None and row.cap is not None and row.used + row.reserved + amount > row.cap:
+            return BudgetExceeded(
+                tenant=tenant,
+                scope=scope,
+                unit=unit,
+                cap=int(row.cap),
+                used=int(row.used),
+                reserved=int(row.reserved),
+                requested=amount,
+            )
+    raise ConflictError("budgets changed while reserving", hint="retry the reservation")
+
+
+# Statements built once: building costs more than running them on SQLite.
+_B = t.budgets.c
+_R = t.budget_reservations.c
+_SCOPES: sa.BindParameter[Any] = sa.bindparam("scopes", expanding=True)
+_N = sa.bindparam("n", type_=sa.BigInteger)
+_WHERE_SCOPES = (_B.tenant == sa.bindparam("t"), _B.unit == sa.bindparam("u"), _B.scope.in_(_SCOPES))
+_CHARGE = (
+    t.budgets.update()
+    .where(*_WHERE_SCOPES, sa.or_(_B.cap.is_(None), _B.used + _B.reserved + _N <= _B.cap))
+    .values(reserved=_B.reserved + _N, updated_at=sa.bindparam("now"))
+    .returning(_B.scope)
+)
+_UNCHARGE = t.budgets.update().where(*_WHERE_SCOPES).values(reserved=_B.reserved - _N)
+_SETTLE = (
+    t.budgets.update()
+    .where(*_WHERE_SCOPES)
+    .values(
+        reserved=_B.reserved - sa.bindparam("held", type_=sa.BigInteger),
+        used=_B.used + sa.bindparam("charge", type_=sa.BigInteger),
+        updated_at=sa.bindparam("now"),
+    )
+)
+_SELECT_RES = sa.select(t.budget_reservations).where(_R.key == sa.bindparam("key"))
+_DELETE_RES = t.budget_reservations.delete().where(_R.key == sa.bindparam("b_key"))
+_REWRITE = (  # re-reserve a released key, or undo that when the charge fails
+    t.budget_reservations.update()
+    .where(_R.key == sa.bindparam("b_key"), _R.status == sa.bindparam("old"))
+    .values({c: sa.bindparam(f"b_{c}") for c in ("amount", "status", "actual", "created_at", "settled_at")})
+)
+_TRANSITION = (
+    t.budget_reservations.update()
+    .where(_R.key == sa.bindparam("b_key"), _R.status == sa.bindparam("old"))
+    .values(status=sa.bindparam("b_status"), actual=sa.bindparam("b_actual"), settled_at=sa.bindparam("now"))
+    .returning(*t.budget_reservations.c)
+)
+_EXPIRE = _TRANSITION.where(_R.created_at < sa.bindparam("cutoff"))
+
+
+@functools.lru_cache(maxsize=4)
+def _claim_statement(insert: Callable[[sa.Table], Any]) -> Any:
+    """INSERT the reservation row unless the key exists; returns a row only when inserted."""
+    stmt = insert(t.budget_reservations)
+    return stmt.on_conflict_do_nothing(index_elements=["key"]).returning(_R.key)
+
+
+# -- what to do when a budget is exceeded --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop: fail the step with the budget error."""
+
+    exceeded: BudgetExceeded
+    kind: Literal["stop"] = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """Retry the call with a cheaper model (reserve again with its estimate)."""
+
+    model: str
+    exceeded: BudgetExceeded
+    kind: Literal["fallback"] = "fallback"
+
+
+BudgetOutcome = Stop | Fallback
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """A workflow's budget settings: the caps to install and what to do when one is hit."""
+
+    max_tokens: int | None = None
+    max_cost_micros: int | None = None
+    on_exceed: Literal["stop", "fallback"] = "stop"
+    fallback_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_exceed not in ("stop", "fallback"):
+            raise InvalidInputError(f"on_exceed must be 'stop' or 'fallback', got {self.on_exceed!r}")
+        if self.on_exceed == "fallback" and not self.fallback_model:
+            raise InvalidInputError("on_exceed: fallback needs fallback_model", hint="name the cheaper model")
+
+    @classmethod
+    def from_spec(cls, spec: BudgetSpec | None) -> BudgetPolicy:
+        if spec is None:
+            return cls()
+        on_exceed: Literal["stop", "fallback"] = "fallback" if spec.on_exceed == "fallback" else "stop"
+        return cls(spec.max_tokens, spec.max_cost_micros, on_exceed, spec.fallback_model)
+
+    def caps(self) -> dict[str, int | None]:
+        return {"tokens": self.max_tokens, "micros": self.max_cost_micros}
+
+    async def install(self, ledger: BudgetLedger, tenant: str, scope: str) -> None:
+        """Set both caps on ``scope`` (typically ``run:<id>`` when a run starts)."""
+        for unit, cap in self.caps().items():
+            await ledger.set_cap(tenant, scope, unit, cap)
+
+    def decide(self, exceeded: BudgetExceeded, *, model: str | None = None) -> BudgetOutcome:
+        """Stop, or fall back to the cheaper model once (already on it: stop)."""
+        if self.on_exceed == "fallback" and self.fallback_model and model != self.fallback_model:
+            return Fallback(self.fallback_model, exceeded)
+        return Stop(exceeded)
+
+
+__all__ = [
+    "UNITS",
+    "BudgetExceeded",
+    "BudgetLedger",
+    "BudgetOutcome",
+    "BudgetPolicy",
+    "BudgetUsage",
+    "Fallback",
+    "Reservation",
+    "Stop",
+    "budget_scopes",
+]

@@ -1,0 +1,100 @@
+"""Plugs the gateway into the engine: every tool step and every agent's tool call goes through it.
+
+Tools declared inside a workflow spec are registered when the workflow is published, as
+``<workflow>.<tool>`` at version ``<tool version>.w<workflow version>``: immutable with the
+workflow version a run is pinned to. Other names resolve in the tenant's registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controltower.engine.context import GateOutcome, ToolInvocation, WaitInfo
+from controltower.gateway.approvals import GATE_SIGNAL
+from controltower.gateway.autonomy import stricter
+from controltower.gateway.pipeline import ApprovalSettings, ToolCallRequest, ToolGateway
+from controltower.gateway.tools import ToolDefinition
+from controltower.spec.models import ToolSpec, WorkflowSpec
+from controltower.store.base import WorkflowRecord
+
+
+class GovernedToolGate:
+    def __init__(self, gateway: ToolGateway) -> None:
+        self.gateway = gateway
+
+    async def on_publish(self, spec: WorkflowSpec, record: WorkflowRecord, base_dir: str | None) -> None:
+        owner = spec.owner.team if spec.owner else "unowned"
+        for name, tool in spec.tools.items():
+            definition = spec_tool(spec.name, record.version, name, tool, owner, base_dir)
+            await self.gateway.registry.register(definition)
+
+    async def invoke(self, call: ToolInvocation) -> GateOutcome:
+        ctx = call.ctx
+        spec = ctx.spec
+        name, version = call.tool, None
+        governance = spec.governance if spec is not None else None
+        level: str = governance.autonomy if governance is not None else "approve_writes"
+        department = None
+        if spec is not None:
+            department = spec.owner.team if spec.owner else None
+            if call.tool in spec.tools:
+                name = f"{spec.name}.{call.tool}"
+                version = f"{spec.tools[call.tool].version}.w{ctx.workflow_version}"
+            if call.agent and call.agent in spec.agents:
+                level = stricter(level, spec.agents[call.agent].autonomy)
+        approval = ApprovalSettings()
+        if governance is not None:
+            approval = ApprovalSettings(
+                sla=governance.approval_sla,
+                on_timeout=governance.on_approval_timeout,
+                escalate_to=governance.escalate_to,
+            )
+        args = call.args if isinstance(call.args, dict) else {"input": call.args}
+        request = ToolCallRequest(
+            tool=name,
+            version=version,
+            args=args,
+            tenant=ctx.tenant,
+            workflow=ctx.workflow,
+            agent=call.agent,
+            department=department,
+            run_id=ctx.run_id,
+            step_key=ctx.step_key,
+            call_index=call.index,
+            autonomy=level,
+            risk_threshold=governance.risk_threshold if governance is not None else "low",
+            approval=approval,
+            proposal=call.proposal,
+        )
+        result = await self.gateway.call(request)
+        wait = None
+        if result.status == "pending_approval":
+            wait = WaitInfo(
+                ctx.step_key, "tool_approval", GATE_SIGNAL + request.call_key, result.approval_due
+            )
+        return GateOutcome(
+            status=result.status,
+            output=result.output,
+            code=result.code,
+            reason=result.reason,
+            retryable=result.retryable,
+            wait=wait,
+        )
+
+
+def spec_tool(
+    workflow: str, workflow_version: int, name: str, tool: ToolSpec, owner: str, base_dir: str | None
+) -> ToolDefinition:
+    ref: dict[str, Any] = {"impl": tool.impl, "base_dir": base_dir}
+    return ToolDefinition(
+        name=f"{workflow}.{name}",
+        version=f"{tool.version}.w{workflow_version}",
+        owner=owner,
+        description=tool.description or "",
+        input_schema=tool.input_schema or {"type": "object"},
+        output_schema=tool.output_schema,
+        side_effect=tool.side_effect,
+        risk=tool.risk,
+        source="spec",
+        source_ref=ref,
+    )

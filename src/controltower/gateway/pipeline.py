@@ -1,0 +1,651 @@
+"""The pipeline every tool call passes, in this order; each stage can stop it with a reason.
+
+kill switch → resolve → validate arguments → (recorded result?) → policy (Cedar) →
+autonomy → budget reservation → approval → rate limit / concurrency slot → idempotent
+claim → execute with scoped credentials → validate output → record, audit, trace, metrics.
+
+A stop at any stage is a :class:`ToolResult` with a stable ``code`` and a ``reason``,
+recorded in the audit trail — never an exception the agent has to survive. Errors of the
+gateway itself (a broken store) do propagate: they are not the agent's to handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonschema
+
+from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approver
+from controltower.gateway.audit import AuditEvent, AuditLog
+from controltower.gateway.autonomy import tighten
+from controltower.gateway.budgets import BudgetExceeded, BudgetLedger
+from controltower.gateway.calls import CallLog
+from controltower.gateway.metrics import GatewayMetrics
+from controltower.gateway.monitor import Controls
+from controltower.gateway.policy import PolicyEngine, PolicyError, PolicyRequest, read_policy_dir
+from controltower.gateway.ratelimit import RateLimited, RateLimiter
+from controltower.gateway.registry import ToolRegistry, ToolUnavailableError, UnknownToolError
+from controltower.gateway.secrets import Redactor, SecretScope
+from controltower.gateway.tools import ExecContext, ToolDefinition, args_digest
+from controltower.spec.errors import InvalidInputError, TowerError
+from controltower.store.sql import SqlStore
+
+ResultStatus = Literal["ok", "denied", "pending_approval", "drafted", "error"]
+Notifier = Callable[[str, ApprovalRequest], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSettings:
+    sla: float | None = None
+    on_timeout: Literal["escalate", "fail"] = "fail"
+    escalate_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRequest:
+    """One call as the agent (or a workflow step) asks for it. Add fields; never reorder."""
+
+    tool: str
+    args: dict[str, Any]
+    tenant: str = "default"
+    version: str | None = None
+    workflow: str | None = None
+    agent: str | None = None
+    department: str | None = None
+    run_id: str | None = None
+    step_key: str | None = None
+    call_index: int = 0
+    idempotency_key: str | None = None
+    autonomy: str = "approve_writes"
+    risk_threshold: str = "low"
+    approval: ApprovalSettings = field(default_factory=ApprovalSettings)
+    proposal: dict[str, Any] | None = None  # reasoning, data read: shown to approvers
+    timeout: float | None = None
+
+    @property
+    def call_key(self) -> str:
+        if self.idempotency_key is not None:
+            return f"{self.tenant}/key/{self.idempotency_key}"
+        return f"{self.tenant}/{self.run_id}/{self.step_key}/{self.call_index}"
+
+    @property
+    def actor(self) -> str:
+        if self.agent:
+            return f"agent:{self.agent}"
+        return f"workflow:{self.workflow}" if self.workflow else "api"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    status: ResultStatus
+    tool: str
+    version: str | None = None
+    output: Any = None
+    code: str | None = None
+    reason: str | None = None
+    policy_ids: tuple[str, ...] = ()
+    approval_id: str | None = None
+    approval_due: float | None = None
+    replayed: bool = False
+    retryable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def for_agent(self) -> dict[str, Any]:
+        """What a model sees: the outcome and why, never credentials or internals."""
+        out: dict[str, Any] = {"status": self.status, "tool": self.tool}
+        if self.ok:
+            out["output"] = self.output
+        else:
+            out.update(code=self.code, reason=self.reason)
+        return out
+
+
+class ToolGateway:
+    def __init__(
+        self,
+        store: SqlStore,
+        registry: ToolRegistry,
+        policy: PolicyEngine | Mapping[str, str],
+        *,
+        env: str = "dev",
+        redactor: Redactor | None = None,
+        audit: AuditLog | None = None,
+        budgets: BudgetLedger | None = None,
+        limiter: RateLimiter | None = None,
+        controls: Controls | None = None,
+        notifier: Notifier | None = None,
+        metrics: GatewayMetrics | None = None,
+        rate_wait: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        # policies are checked against the registry's tools, so texts are compiled on first use
+        self.policy: PolicyEngine | None = policy if isinstance(policy, PolicyEngine) else None
+        self.policy_texts: dict[str, str] = (
+            dict(policy.texts) if isinstance(policy, PolicyEngine) else dict(policy)
+        )
+        self.env = env
+        self.redactor = redactor or Redactor()
+        self.audit = audit or AuditLog(store, redactor=self.redactor)
+        self.budgets = budgets or BudgetLedger(store)
+        self.limiter = limiter or RateLimiter(store)
+        self.controls = controls or Controls(store, audit=self.audit)
+        self.approvals = ApprovalBook(store)
+        self.calls = CallLog(store)
+        self.notifier = notifier
+        self.metrics = metrics or GatewayMetrics()
+        self.rate_wait = rate_wait
+        self._validators: dict[tuple[str, str, str], Any] = {}
+
+    # -- the pipeline ------------------------------------------------------------------
+
+    async def call(self, req: ToolCallRequest) -> ToolResult:
+        started = time.perf_counter()
+        result = await self._call(req)
+        self.metrics.observe(req.tool, result.status, result.code, time.perf_counter() - started)
+        return result
+
+    async def _call(self, req: ToolCallRequest) -> ToolResult:
+        if req.workflow:
+            paused = await self.controls.is_paused(req.tenant, req.workflow)
+            if paused is not None:
+                return await self._stop(req, None, "paused", f"workflow {req.workflow} is paused: {paused}")
+        try:
+            tool = await self.registry.resolve(req.tool, req.version, tenant=req.tenant)
+        except UnknownToolError as exc:
+            return await self._stop(req, None, "unknown_tool", str(exc))
+        problems = self._check(tool, "input", req.args)
+        if problems:
+            return await self._stop(req, tool, "invalid_args", problems)
+        digest = args_digest(tool.name, tool.version, req.args)
+        prior = await self.calls.get(req.call_key)
+        if prior is not None and prior.status == "completed":
+            if prior.args_digest != digest:
+                return await self._stop(
+                    req, tool, "idempotency_conflict", "this call key already ran with different arguments"
+                )
+            return ToolResult("ok", tool.name, tool.version, output=prior.result, replayed=True)
+
+        cost_cents = 0
+        if tool.cost_micros or req.run_id:
+            cost_cents = await self._run_cost_cents(req)
+        policy = await self._policy_for(tool, req.tenant)
+        if isinstance(policy, PolicyError):
+            return await self._stop(req, tool, "policy_invalid", f"the policies do not load: {policy}")
+        decision = policy.decide(
+            PolicyRequest(
+                tool=tool,
+                agent=req.agent,
+                workflow=req.workflow,
+                department=req.department,
+                tenant=req.tenant,
+                env=self.env,
+                args=req.args,
+                cost_so_far_cents=cost_cents,
+                run_cost_cents=cost_cents,
+            )
+        )
+        effect, why = tighten(decision.effect, tool, req.autonomy, risk_threshold=req.risk_threshold)
+        ids = tuple(decision.policy_ids)
+        if effect == "deny":
+            code = "policy_denied" if ids else "no_grant"
+            return await self._stop(req, tool, code, why or decision.reason, ids)
+        if effect == "draft":
+            await self._audit(
+                req, tool, "proposal", "drafted", why, digest, {"args": req.args, "policies": ids}
+            )
+            return ToolResult(
+                "drafted", tool.name, tool.version, code="draft_only", reason=why, policy_ids=ids
+            )
+
+        if tool.cost_micros:
+            try:
+                await self.budgets.reserve(
+                    req.call_key, req.tenant, self._scopes(req), "micros", tool.cost_micros
+                )
+            except BudgetExceeded as exc:
+                return await self._stop(req, tool, "budget_exceeded", str(exc), ids)
+
+        exec_args, exec_digest, approval = req.args, digest, None
+        if effect == "require_approval":
+            group = decision.approval_group
+            outcome = await self._approval(req, tool, digest, group, ids, why or decision.reason, cost_cents)
+            if isinstance(outcome, ToolResult):
+                return outcome
+            approval = outcome
+            assert approval.approved_digest is not None
+            exec_digest = approval.approved_digest
+            if approval.approved_args is not None:  # the approver edited them
+                exec_args = approval.approved_args
+
+        return await self._execute(req, tool, exec_args, digest, exec_digest, approval, ids)
+
+    async def _execute(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition,
+        args: dict[str, Any],
+        digest: str,
+        exec_digest: str,
+        approval: ApprovalRequest | None,
+        ids: tuple[str, ...],
+    ) -> ToolResult:
+        try:
+            if tool.rate_limit is not None and tool.rate_limit.per_second is not None:
+                await self.limiter.acquire(
+                    f"{req.tenant}/{tool.name}", tool.rate_limit, wait=True, timeout=self.rate_wait
+                )
+        except RateLimited as exc:
+            await self._release(req, tool)
+            return await self._stop(req, tool, "rate_limited", str(exc), ids, retryable=True)
+
+        try:
+            executor = self.registry.executor(tool, tenant=req.tenant)
+        except ToolUnavailableError as exc:
+            await self._release(req, tool)
+            return await self._stop(req, tool, "tool_unavailable", str(exc), ids)
+        retry_in_doubt = not tool.writes or "idempotent" in tool.tags
+        claim = await self.calls.claim(
+            req.call_key,
+            tenant=req.tenant,
+            tool=tool.name,
+            version=tool.version,
+            digest=digest,
+            run_id=req.run_id,
+            step_key=req.step_key,
+            retry_in_doubt=retry_in_doubt,
+            approval=(req.call_key, exec_digest) if approval is not None else None,
+        )
+        if claim.outcome == "completed":
+            assert claim.record is not None
+            return ToolResult("ok", tool.name, tool.version, output=claim.record.result, replayed=True)
+        if claim.outcome == "in_doubt":
+            return await self._stop(
+                req,
+                tool,
+                "in_doubt",
+                f"an earlier attempt of this {tool.side_effect} call started but never reported; "
+                "it is not run again automatically",
+                ids,
+            )
+        if claim.outcome == "approval_used":
+            return await self._stop(req, tool, "approval_used", "this approval was already used", ids)
+        if claim.outcome == "digest_mismatch":
+            return await self._stop(req, tool, "idempotency_conflict", "call key reused with other arguments")
+
+        slot: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
+        if tool.rate_limit is not None and tool.rate_limit.concurrency:
+            slot = self.limiter.slot(
+                f"{req.tenant}/{tool.name}", tool.rate_limit.concurrency, req.call_key, lease=60.0
+            )
+        credentials = SecretScope(tool, self.env, self.redactor).resolve()
+        ctx = ExecContext(
+            tool=tool,
+            env=self.env,
+            idempotency_key=req.call_key,
+            credentials=credentials,
+            timeout=req.timeout,
+            run_id=req.run_id,
+            step_key=req.step_key,
+            tenant=req.tenant,
+        )
+        try:
+            async with slot:
+                if req.timeout is not None:
+                    output = await asyncio.wait_for(executor(args, ctx), req.timeout)
+                else:
+                    output = await executor(args, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            retryable = bool(getattr(exc, "retryable", False)) or isinstance(exc, TimeoutError)
+            message = self.redactor.redact_text(f"{type(exc).__name__}: {exc}")
+            code = exc.code if isinstance(exc, TowerError) else "tool_error"
+            await self.calls.fail(req.call_key, {"code": code, "message": message, "retryable": retryable})
+            await self._release(req, tool)
+            await self._audit(req, tool, "tool_call", "failed", message, digest, {"code": code})
+            return ToolResult(
+                "error",
+                tool.name,
+                tool.version,
+                code=code,
+                reason=message,
+                policy_ids=ids,
+                retryable=retryable,
+            )
+        problems = self._check(tool, "output", output)
+        if problems:
+            await self.calls.fail(req.call_key, {"code": "invalid_output", "message": problems})
+            await self._release(req, tool)
+            await self._audit(req, tool, "tool_call", "invalid_output", problems, digest, {})
+            return ToolResult("error", tool.name, tool.version, code="invalid_output", reason=problems)
+        await self.calls.complete(req.call_key, output)
+        if tool.cost_micros:
+            await self.budgets.commit(req.call_key, tool.cost_micros)
+        data = {
+            "side_effect": tool.side_effect,
+            "risk": tool.risk,
+            "version": tool.version,
+            "cost_micros": tool.cost_micros,
+            "policies": list(ids),
+            "approval_id": approval.id if approval else None,
+            "edited": bool(approval and approval.edited),
+        }
+        await self._audit(req, tool, "tool_call", "executed", None, exec_digest, data)
+        return ToolResult("ok", tool.name, tool.version, output=output, policy_ids=ids)
+
+    # -- approvals -------------------------------------------------------------------------
+
+    async def decide(
+        self,
+        approval_id: str,
+        *,
+        approver: Approver,
+        approve: bool,
+        reason: str | None = None,
+        edited_args: dict[str, Any] | None = None,
+        tenant: str | None = None,
+    ) -> ApprovalRequest:
+        """Decide an approval; edited arguments are re-validated and re-checked by policy first."""
+
+        async def check_edit(request: ApprovalRequest, args: dict[str, Any]) -> None:
+            tool = await self.registry.resolve(request.tool, request.tool_version, tenant=request.tenant)
+            problems = self._check(tool, "input", args)
+            if problems:
+                raise InvalidInputError(problems, hint="edit the arguments to match the tool's input schema")
+            policy = await self._policy_for(tool, request.tenant)
+            if isinstance(policy, PolicyError):
+                raise policy
+            decision = policy.decide(
+                PolicyRequest(
+                    tool=tool,
+                    agent=request.agent,
+                    workflow=request.workflow,
+                    department=None,
+                    tenant=request.tenant,
+                    env=self.env,
+                    args=args,
+                )
+            )
+            if decision.effect == "deny":
+                raise InvalidInputError(
+                    f"policy denies the edited arguments: {decision.reason}",
+                    hint="an approval can only authorise what policy allows",
+                )
+
+        decided = await self.approvals.decide(
+            approval_id,
+            approver=approver,
+            approve=approve,
+            reason=reason,
+            edited_args=edited_args,
+            check_edit=check_edit,
+            tenant=tenant,
+        )
+        outcome = "approved" if approve else "rejected"
+        if decided.edited:
+            outcome = "approved_edited"
+        event = AuditEvent(
+            tenant=decided.tenant,
+            actor=f"user:{approver.name}",
+            kind="approval",
+            outcome=outcome,
+            subject=decided.tool,
+            run_id=decided.run_id,
+            workflow=decided.workflow,
+            reason=reason,
+            inputs_digest=decided.approved_digest or decided.digest,
+            data={"approval_id": decided.id, "role": approver.role, "edited": decided.edited},
+        )
+        await self.audit.append(event)
+        await self._notify("decided", decided)
+        return decided
+
+    async def _approval(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition,
+        digest: str,
+        group: str | None,
+        ids: tuple[str, ...],
+        why: str | None,
+        cost_cents: int,
+    ) -> ApprovalRequest | ToolResult:
+        now = time.time()
+        context = {
+            "proposal": req.proposal or {},
+            "policies": list(ids),
+            "why": why,
+            "cost_so_far_cents": cost_cents,
+            "side_effect": tool.side_effect,
+            "env": self.env,
+        }
+        due = now + req.approval.sla if req.approval.sla else None
+        appr, created = await self.approvals.request(
+            tenant=req.tenant,
+            call_key=req.call_key,
+            tool=tool.name,
+            tool_version=tool.version,
+            args=self.redactor.redact(req.args),
+            digest=digest,
+            risk=tool.risk,
+            group=group,
+            run_id=req.run_id,
+            step_key=req.step_key,
+            workflow=req.workflow,
+            agent=req.agent,
+            context=self.redactor.redact(context),
+            due_at=due,
+        )
+        if created:
+            await self._audit(
+                req, tool, "approval", "requested", why, digest, {"approval_id": appr.id, "group": group}
+            )
+            await self._notify("requested", appr)
+        if appr.digest != digest:
+            return await self._stop(
+                req, tool, "approval_mismatch", "the arguments differ from the ones sent for approval", ids
+            )
+        if appr.status == "pending" and appr.due_at is not None and now >= appr.due_at:
+            appr = await self._sla_expired(req, tool, appr)
+        if appr.status == "pending":
+            return ToolResult(
+                "pending_approval",
+                tool.name,
+                tool.version,
+                code="approval_required",
+                reason=why,
+                policy_ids=ids,
+                approval_id=appr.id,
+                approval_due=appr.due_at,
+            )
+        if appr.status != "approved":
+            await self._release(req, tool)
+            reason = f"{appr.status} by {appr.decided_by}: {appr.reason or 'no reason given'}"
+            return await self._stop(req, tool, appr.status, reason, ids, audit=False)
+        return appr
+
+    async def _sla_expired(
+        self, req: ToolCallRequest, tool: ToolDefinition, appr: ApprovalRequest
+    ) -> ApprovalRequest:
+        settings = req.approval
+        if settings.on_timeout == "escalate" and settings.escalate_to and appr.escalations == 0:
+            due = time.time() + settings.sla if settings.sla else None
+            appr = await self.approvals.escalate(appr.id, to_group=settings.escalate_to, due_at=due)
+            await self._audit(
+                req,
+                tool,
+                "approval",
+                "escalated",
+                f"SLA passed; now {settings.escalate_to}",
+                appr.digest,
+                {"approval_id": appr.id},
+            )
+            await self._notify("escalated", appr)
+            return appr
+        appr = await self.approvals.expire(appr.id, "no decision within the SLA")
+        await self._audit(
+            req,
+            tool,
+            "approval",
+            "expired",
+            "no decision within the SLA",
+            appr.digest,
+            {"approval_id": appr.id},
+        )
+        await self._notify("expired", appr)
+        return appr
+
+    async def _notify(self, event: str, appr: ApprovalRequest) -> None:
+        if self.notifier is None:
+            return
+        try:
+            await self.notifier(event, appr)
+        except Exception as exc:  # a broken notifier must not block the action or lose the request
+            import logging
+
+            logging.getLogger("controltower.gateway").warning("approval notifier failed: %s", exc)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _policy_for(self, tool: ToolDefinition, tenant: str) -> PolicyEngine | PolicyError:
+        """The policy engine with ``tool`` in its schema; rebuilt when the registry grew."""
+        if self.policy is not None and self.policy.knows(tool):
+            return self.policy
+        tools = {t.name: t for t in self.policy.tools} if self.policy is not None else {}
+        tools.update({t.name: t for t in await self.registry.latest(tenant=tenant)})
+        tools[tool.name] = tool
+        try:
+            self.policy = PolicyEngine(self.policy_texts, tools.values())
+        except PolicyError as exc:
+            return exc
+        return self.policy
+
+    def reload_policies(self, texts: Mapping[str, str]) -> None:
+        """Swap the policy set (validated against the tools on the next call)."""
+        self.policy_texts = dict(texts)
+        self.policy = None
+
+    def _check(self, tool: ToolDefinition, which: str, value: Any) -> str | None:
+        schema = tool.input_schema if which == "input" else tool.output_schema
+        if schema is None:
+            return None
+        key = (tool.name, tool.version, which)
+        validator = self._validators.get(key)
+        if validator is None:
+            cls = jsonschema.validators.validator_for(schema)
+            validator = self._validators[key] = cls(schema)
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+        if not errors:
+            return None
+        parts = []
+        for err in errors[:5]:
+            where = "/".join(str(p) for p in err.path) or "<root>"
+            parts.append(f"{where}: {err.message}")
+        return f"{which} of {tool.name} does not match its schema: " + "; ".join(parts)
+
+    def _scopes(self, req: ToolCallRequest) -> list[str]:
+        scopes = [f"tenant:{req.tenant}"]
+        if req.department:
+            scopes.append(f"department:{req.department}")
+        if req.workflow:
+            scopes.append(f"workflow:{req.workflow}")
+        if req.run_id:
+            scopes.append(f"run:{req.run_id}")
+        return scopes
+
+    async def _run_cost_cents(self, req: ToolCallRequest) -> int:
+        if not req.run_id:
+            return 0
+        usage = await self.budgets.usage(req.tenant, f"run:{req.run_id}", "micros")
+        return int((usage.used + usage.reserved) // 10_000)
+
+    async def _release(self, req: ToolCallRequest, tool: ToolDefinition) -> None:
+        if tool.cost_micros:
+            await self.budgets.release(req.call_key)
+
+    async def _stop(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition | None,
+        code: str,
+        reason: str | None,
+        ids: tuple[str, ...] = (),
+        *,
+        retryable: bool = False,
+        audit: bool = True,
+    ) -> ToolResult:
+        reason = self.redactor.redact_text(reason or code)
+        if audit:
+            digest = args_digest(req.tool, tool.version if tool else "?", req.args)
+            await self._audit(
+                req, tool, "tool_call", "denied", reason, digest, {"code": code, "policies": list(ids)}
+            )
+        status: ResultStatus = "denied"
+        return ToolResult(
+            status,
+            req.tool,
+            tool.version if tool else None,
+            code=code,
+            reason=reason,
+            policy_ids=ids,
+            retryable=retryable,
+        )
+
+    async def _audit(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition | None,
+        kind: str,
+        outcome: str,
+        reason: str | None,
+        digest: str | None,
+        data: dict[str, Any],
+    ) -> None:
+        event = AuditEvent(
+            ts=time.time(),
+            tenant=req.tenant,
+            actor=req.actor,
+            kind=kind,
+            subject=tool.name if tool else req.tool,
+            run_id=req.run_id,
+            workflow=req.workflow,
+            outcome=outcome,
+            reason=reason,
+            inputs_digest=digest,
+            data={**data, "step_key": req.step_key, "call_index": req.call_index, "env": self.env},
+        )
+        await self.audit.append(event)
+
+
+async def open_gateway(
+    store: SqlStore,
+    *,
+    policies: str | None = None,
+    policy_texts: dict[str, str] | None = None,
+    env: str = "dev",
+    notifier: Notifier | None = None,
+    monitor: bool = True,
+) -> ToolGateway:
+    """Assemble a gateway on ``store``: policies from a directory or texts, registry, monitor.
+
+    With no policies at all every call is denied (no grant): least privilege by default.
+    """
+    from controltower.gateway.monitor import Monitor
+
+    registry = ToolRegistry(store)
+    texts = dict(policy_texts or {})
+    if policies is not None:
+        texts.update(read_policy_dir(policies))
+    gateway = ToolGateway(store, registry, texts, env=env, notifier=notifier)
+    if monitor:
+        Monitor(gateway.audit, gateway.controls).attach()
+    return gateway
