@@ -379,3 +379,31 @@ async def test_secrets_never_reach_audit_approvals_or_logs(
     exported = tmp_path / "audit.jsonl"
     await gateway.audit.export_jsonl(exported)
     assert SECRET not in exported.read_text()
+
+
+@pytest.fixture(scope="module")
+def spans() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+async def test_each_call_is_an_execute_tool_span_without_secrets(gateway: ToolGateway, spans: Any) -> None:
+    spans.clear()
+    await gateway.call(req("helpdesk.reply", {"ticket": "T-1"}, agent="triage"))
+    await gateway.call(req("crm.export_all", {}, step_key="q", workflow="marketing"))
+    finished = spans.get_finished_spans()
+    assert [s.name for s in finished] == ["execute_tool helpdesk.reply", "execute_tool crm.export_all"]
+    first, second = (dict(s.attributes) for s in finished)
+    assert first["gen_ai.operation.name"] == "execute_tool"
+    assert first["gen_ai.agent.name"] == "triage"
+    assert first["controltower.outcome"] == "ok"
+    assert (second["controltower.outcome"], second["controltower.code"]) == ("denied", "no_grant")
+    assert SECRET not in repr([dict(s.attributes) for s in finished])

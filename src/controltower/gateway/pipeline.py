@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jsonschema
+from opentelemetry import trace
 
 from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approver
 from controltower.gateway.audit import AuditEvent, AuditLog
@@ -35,6 +36,7 @@ from controltower.gateway.tools import ExecContext, ToolDefinition, args_digest
 from controltower.spec.errors import InvalidInputError, TowerError
 from controltower.store.sql import SqlStore
 
+_tracer = trace.get_tracer("controltower.gateway")
 ResultStatus = Literal["ok", "denied", "pending_approval", "drafted", "error"]
 Notifier = Callable[[str, ApprovalRequest], Awaitable[None]]
 
@@ -149,7 +151,23 @@ class ToolGateway:
 
     async def call(self, req: ToolCallRequest) -> ToolResult:
         started = time.perf_counter()
-        result = await self._call(req)
+        # GenAI semantic conventions: one execute_tool span per call; never arguments or outputs
+        with _tracer.start_as_current_span(f"execute_tool {req.tool}") as span:
+            span.set_attribute("gen_ai.operation.name", "execute_tool")
+            span.set_attribute("gen_ai.tool.name", req.tool)
+            span.set_attribute("controltower.tenant", req.tenant)
+            if req.workflow:
+                span.set_attribute("controltower.workflow", req.workflow)
+            if req.agent:
+                span.set_attribute("gen_ai.agent.name", req.agent)
+            if req.run_id:
+                span.set_attribute("controltower.run_id", req.run_id)
+            result = await self._call(req)
+            span.set_attribute("controltower.outcome", result.status)
+            if result.code:
+                span.set_attribute("controltower.code", result.code)
+            if result.status == "error":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, result.code or "error"))
         self.metrics.observe(req.tool, result.status, result.code, time.perf_counter() - started)
         return result
 
