@@ -100,3 +100,15 @@ def test_policy_suite_runs_and_explains(tower: Tower) -> None:
     assert "refund-ceiling" in explained
     bad = tower("policy", "test", "--tool", "nope.tool", ok=False)
     assert "error[unknown_tool]" in bad.stderr
+
+
+def test_autonomy_four_eyes(tower: Tower) -> None:
+    tower("publish", str(REFUNDS / "workflow.yaml"))
+    tightened = tower("autonomy", "set", "refunds", "draft_only", "--reason", "incident", "--as", "ops")
+    assert "now draft_only" in tightened.stdout
+    pending = tower("autonomy", "set", "refunds", "expanded", "--reason", "fixed", "--as", "ops")
+    assert "waits for another person" in pending.stdout
+    same = tower("autonomy", "approve", "refunds", "--as", "ops", ok=False)
+    assert "error[autonomy_change_refused]" in same.stderr
+    assert "now expanded" in tower("autonomy", "approve", "refunds", "--as", "lead").stdout
+    assert "control" in tower("audit", "list").stdout

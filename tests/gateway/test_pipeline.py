@@ -407,3 +407,37 @@ async def test_each_call_is_an_execute_tool_span_without_secrets(gateway: ToolGa
     assert first["controltower.outcome"] == "ok"
     assert (second["controltower.outcome"], second["controltower.code"]) == ("denied", "no_grant")
     assert SECRET not in repr([dict(s.attributes) for s in finished])
+
+
+async def test_autonomy_changes_are_audited_and_loosening_needs_a_second_person(
+    gateway: ToolGateway, store: SqlStore
+) -> None:
+    from controltower.gateway.autonomy import AutonomyChangeError
+
+    settings = gateway.autonomy
+    scope = "workflow:support"
+    write = {"ticket": "T-1"}
+    assert (await gateway.call(req("helpdesk.reply", write, step_key="a"))).ok  # spec level: expanded
+    tightened = await settings.request(
+        "default", scope, "draft_only", by="ops", reason="bad replies", current="expanded"
+    )
+    assert tightened.status == "applied"
+    assert (await gateway.call(req("helpdesk.reply", write, step_key="b"))).status == "drafted"
+    loosened = await settings.request(
+        "default", scope, "expanded", by="ops", reason="fixed", current="expanded"
+    )
+    assert loosened.status == "pending"
+    assert (await gateway.call(req("helpdesk.reply", write, step_key="c"))).status == "drafted"
+    with pytest.raises(AutonomyChangeError):
+        await settings.approve("default", scope, by="ops")
+    await settings.approve("default", scope, by="lead")
+    assert (await gateway.call(req("helpdesk.reply", write, step_key="d"))).ok
+    controls = [r for r in await audit_rows(store) if r["kind"] == "control"]
+    assert len(controls) >= 3
+    assert (await gateway.audit.verify()).ok
+    # an agent never runs above its workflow's level
+    await settings.request(
+        "default", scope, "approve_writes", by="ops", reason="audit week", current="expanded"
+    )
+    agent_call = req("helpdesk.reply", write, step_key="e", agent="triage", agent_autonomy="expanded")
+    assert (await gateway.call(agent_call)).status == "pending_approval"

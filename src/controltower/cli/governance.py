@@ -386,6 +386,62 @@ def register(cli: click.Group) -> None:
 
         await with_gateway(ctx, body)
 
+    @cli.group()
+    def autonomy() -> None:
+        """Autonomy overrides: tighten at once; loosening waits for a second person."""
+
+    def _scope(workflow: str, agent: str | None) -> str:
+        return f"agent:{workflow}/{agent}" if agent else f"workflow:{workflow}"
+
+    @autonomy.command("set")
+    @click.argument("workflow")
+    @click.argument(
+        "level", type=click.Choice(["draft_only", "approve_writes", "autonomous_low_risk", "expanded"])
+    )
+    @click.option("--agent", help="Override one agent of the workflow instead.")
+    @click.option("--reason", required=True)
+    @click.option("--tenant", default="default", show_default=True)
+    @click.option("--as", "who", default=lambda: os.environ.get("USER") or "cli")
+    @click.pass_context
+    @run_async
+    async def autonomy_set(
+        ctx: click.Context, workflow: str, level: str, agent: str | None, reason: str, tenant: str, who: str
+    ) -> None:
+        """Set the level of WORKFLOW (or --agent): applied if tighter, else pending approval."""
+
+        async def body(engine: EmbeddedEngine, gw: ToolGateway) -> None:
+            current = await current_level(engine, workflow, agent)
+            change = await gw.autonomy.request(
+                tenant, _scope(workflow, agent), level, by=who, reason=reason, current=current
+            )
+            if change.status == "applied":
+                out.print(f"{change.scope}: autonomy is now {level}")
+            else:
+                out.print(
+                    f"{change.scope}: {level} is looser than {current}; it waits for another person: "
+                    f"tower autonomy approve {workflow}" + (f" --agent {agent}" if agent else "")
+                )
+
+        await with_gateway(ctx, body)
+
+    @autonomy.command("approve")
+    @click.argument("workflow")
+    @click.option("--agent")
+    @click.option("--tenant", default="default", show_default=True)
+    @click.option("--as", "who", default=lambda: os.environ.get("USER") or "cli")
+    @click.pass_context
+    @run_async
+    async def autonomy_approve(
+        ctx: click.Context, workflow: str, agent: str | None, tenant: str, who: str
+    ) -> None:
+        """Approve a pending loosening (not by the person who asked)."""
+
+        async def body(engine: EmbeddedEngine, gw: ToolGateway) -> None:
+            change = await gw.autonomy.approve(tenant, _scope(workflow, agent), by=who)
+            out.print(f"{change.scope}: autonomy is now {change.level} (asked by {change.requested_by})")
+
+        await with_gateway(ctx, body)
+
     @cli.command("reconcile")
     @click.argument("call_key")
     @click.option("--result", "raw_result", help="What the call really returned: JSON or @file.")
@@ -451,6 +507,21 @@ async def who_can(engine: EmbeddedEngine, gw: ToolGateway, name: str, tenant: st
                     )
                 )
     return rows
+
+
+async def current_level(engine: EmbeddedEngine, workflow: str, agent: str | None) -> str:
+    """The level the newest published version of ``workflow`` declares (for the agent, if given)."""
+    from controltower.spec.models import WorkflowSpec
+
+    record = await engine.store.get_workflow(workflow)
+    if record is None:
+        raise NotFoundError(f"no published workflow {workflow!r}", hint="tower publish FILE")
+    spec = WorkflowSpec.model_validate(record.spec)
+    if agent is None:
+        return spec.governance.autonomy
+    if agent not in spec.agents:
+        raise NotFoundError(f"workflow {workflow} has no agent {agent!r}")
+    return spec.agents[agent].autonomy
 
 
 def minimal_args(schema: dict[str, Any]) -> Any:

@@ -13,9 +13,14 @@ expanded               whatever policy allows runs
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from controltower.gateway.tools import RISK_ORDER, ToolDefinition
+from controltower.spec.errors import TowerError
+
+if TYPE_CHECKING:
+    from controltower.gateway.monitor import Controls
 
 AutonomyLevel = Literal["draft_only", "approve_writes", "autonomous_low_risk", "expanded"]
 LEVELS: tuple[str, ...] = ("draft_only", "approve_writes", "autonomous_low_risk", "expanded")
@@ -56,3 +61,80 @@ def stricter(a: str, b: str) -> str:
 
 def is_tightening(current: str, new: str) -> bool:
     return LEVELS.index(new) < LEVELS.index(current)
+
+
+class AutonomyChangeError(TowerError):
+    code = "autonomy_change_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class AutonomyChange:
+    scope: str
+    level: str
+    status: str  # applied | pending
+    requested_by: str
+    reason: str
+
+
+class AutonomySettings:
+    """Per-workflow and per-agent level overrides, changed under four eyes.
+
+    Tightening applies at once (it can only make things safer); loosening is a pending
+    change until a second person approves it. Every step is a ``control`` audit record.
+    Scopes: ``workflow:<name>`` and ``agent:<workflow>/<agent>``.
+    """
+
+    KEY, PENDING = "autonomy", "autonomy_pending"
+
+    def __init__(self, controls: Controls) -> None:
+        self.controls = controls
+
+    async def level(self, tenant: str, scope: str) -> str | None:
+        value = await self.controls.get_value(tenant, scope, self.KEY)
+        return value if isinstance(value, str) else None
+
+    async def effective(
+        self,
+        tenant: str,
+        workflow: str | None,
+        agent: str | None,
+        workflow_level: str,
+        agent_level: str | None,
+    ) -> str:
+        """The level a call runs at: overrides replace spec levels; an agent never exceeds its workflow."""
+        level = workflow_level
+        if workflow:
+            level = await self.level(tenant, f"workflow:{workflow}") or level
+            if agent:
+                own = await self.level(tenant, f"agent:{workflow}/{agent}") or agent_level or level
+                level = stricter(level, own)
+        return level
+
+    async def request(
+        self, tenant: str, scope: str, level: str, *, by: str, reason: str, current: str
+    ) -> AutonomyChange:
+        if level not in LEVELS:
+            raise AutonomyChangeError(f"unknown autonomy level {level!r}", hint="one of " + ", ".join(LEVELS))
+        if not reason.strip():
+            raise AutonomyChangeError("a change of autonomy needs a reason")
+        now_level = await self.level(tenant, scope) or current
+        if is_tightening(now_level, level) or now_level == level:
+            await self.controls.set_value(tenant, scope, self.KEY, level, reason, by)
+            await self.controls.set_value(tenant, scope, self.PENDING, None, "superseded", by)
+            return AutonomyChange(scope, level, "applied", by, reason)
+        pending = {"level": level, "by": by, "reason": reason}
+        await self.controls.set_value(tenant, scope, self.PENDING, pending, reason, by)
+        return AutonomyChange(scope, level, "pending", by, reason)
+
+    async def approve(self, tenant: str, scope: str, *, by: str) -> AutonomyChange:
+        pending = await self.controls.get_value(tenant, scope, self.PENDING)
+        if not isinstance(pending, dict):
+            raise AutonomyChangeError(f"no autonomy change is pending for {scope}")
+        if pending["by"] == by:
+            raise AutonomyChangeError(
+                "the person who asked for more autonomy cannot approve it", hint="another admin must approve"
+            )
+        reason = f"approved {pending['level']} asked by {pending['by']}: {pending['reason']}"
+        await self.controls.set_value(tenant, scope, self.KEY, pending["level"], reason, by)
+        await self.controls.set_value(tenant, scope, self.PENDING, None, "approved", by)
+        return AutonomyChange(scope, pending["level"], "applied", pending["by"], pending["reason"])

@@ -11,7 +11,6 @@ from typing import Any
 
 from controltower.engine.context import GateOutcome, ToolInvocation, WaitInfo
 from controltower.gateway.approvals import GATE_SIGNAL
-from controltower.gateway.autonomy import stricter
 from controltower.gateway.pipeline import ApprovalSettings, ToolCallRequest, ToolGateway
 from controltower.gateway.tools import ToolDefinition
 from controltower.spec.models import ToolSpec, WorkflowSpec
@@ -35,13 +34,14 @@ class GovernedToolGate:
         governance = spec.governance if spec is not None else None
         level: str = governance.autonomy if governance is not None else "approve_writes"
         department = None
+        agent_level: str | None = None
         if spec is not None:
             department = spec.owner.team if spec.owner else None
             if call.tool in spec.tools:
                 name = f"{spec.name}.{call.tool}"
                 version = f"{spec.tools[call.tool].version}.w{ctx.workflow_version}"
             if call.agent and call.agent in spec.agents:
-                level = stricter(level, spec.agents[call.agent].autonomy)
+                agent_level = spec.agents[call.agent].autonomy
         approval = ApprovalSettings()
         if governance is not None:
             approval = ApprovalSettings(
@@ -62,6 +62,7 @@ class GovernedToolGate:
             step_key=ctx.step_key,
             call_index=call.index,
             autonomy=level,
+            agent_autonomy=agent_level,
             risk_threshold=governance.risk_threshold if governance is not None else "low",
             approval=approval,
             proposal=call.proposal,

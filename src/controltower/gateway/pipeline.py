@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approver
 from controltower.gateway.audit import AuditEvent, AuditLog
-from controltower.gateway.autonomy import tighten
+from controltower.gateway.autonomy import AutonomySettings, tighten
 from controltower.gateway.budgets import BudgetExceeded, BudgetLedger
 from controltower.gateway.calls import CallLog
 from controltower.gateway.metrics import GatewayMetrics
@@ -64,6 +64,7 @@ class ToolCallRequest:
     call_index: int = 0
     idempotency_key: str | None = None
     autonomy: str = "approve_writes"
+    agent_autonomy: str | None = None
     risk_threshold: str = "low"
     approval: ApprovalSettings = field(default_factory=ApprovalSettings)
     proposal: dict[str, Any] | None = None  # reasoning, data read: shown to approvers
@@ -140,6 +141,7 @@ class ToolGateway:
         self.budgets = budgets or BudgetLedger(store)
         self.limiter = limiter or RateLimiter(store)
         self.controls = controls or Controls(store, audit=self.audit)
+        self.autonomy = AutonomySettings(self.controls)
         self.approvals = ApprovalBook(store)
         self.calls = CallLog(store)
         self.notifier = notifier
@@ -211,7 +213,10 @@ class ToolGateway:
                 run_cost_cents=cost_cents,
             )
         )
-        effect, why = tighten(decision.effect, tool, req.autonomy, risk_threshold=req.risk_threshold)
+        level = await self.autonomy.effective(
+            req.tenant, req.workflow, req.agent, req.autonomy, req.agent_autonomy
+        )
+        effect, why = tighten(decision.effect, tool, level, risk_threshold=req.risk_threshold)
         ids = tuple(decision.policy_ids)
         if effect == "deny":
             code = "policy_denied" if ids else "no_grant"
