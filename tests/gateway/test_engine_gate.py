@@ -30,10 +30,10 @@ permit (principal in Workflow::"helpdesk", action == Action::"helpdesk.send_repl
 permit (principal in Workflow::"helpdesk", action == Action::"helpdesk.refund", resource);
 """
 TOOLS = {
-    "lookup": {"impl": "tests.gateway.wf.impls:lookup"},
-    "send_reply": {"impl": "tests.gateway.wf.impls:send_reply", "side_effect": "write"},
-    "refund": {"impl": "tests.gateway.wf.impls:refund", "side_effect": "irreversible", "risk": "high"},
-    "refund_all": {"impl": "tests.gateway.wf.impls:refund", "side_effect": "irreversible", "risk": "high"},
+    "lookup": {"impl": "wf.impls:lookup"},
+    "send_reply": {"impl": "wf.impls:send_reply", "side_effect": "write"},
+    "refund": {"impl": "wf.impls:refund", "side_effect": "irreversible", "risk": "high"},
+    "refund_all": {"impl": "wf.impls:refund", "side_effect": "irreversible", "risk": "high"},
 }
 
 
@@ -118,7 +118,7 @@ async def test_agent_sees_denials_and_waits_for_approval(governed: Any) -> None:
         agents={
             "worker": {
                 "kind": "python",
-                "impl": "tests.gateway.wf.impls:agent_with_tools",
+                "impl": "wf.impls:agent_with_tools",
                 "autonomy": "expanded",
             }
         },

@@ -15,7 +15,7 @@ from controltower.engine import EmbeddedEngine
 from controltower.gateway.approvals import ApprovalRequest, Approver
 from controltower.gateway.pipeline import ToolGateway
 from controltower.gateway.tools import ToolDefinition
-from controltower.spec.errors import InvalidInputError, NotFoundError, TowerError
+from controltower.spec.errors import InvalidInputError, NotFoundError
 from controltower.store import TERMINAL
 
 
@@ -446,22 +446,19 @@ def register(cli: click.Group) -> None:
     @click.argument("call_key")
     @click.option("--result", "raw_result", help="What the call really returned: JSON or @file.")
     @click.option("--failed", is_flag=True, help="The call did not take effect.")
+    @click.option("--as", "who", default=lambda: os.environ.get("USER") or "cli")
     @click.pass_context
     @run_async
-    async def reconcile(ctx: click.Context, call_key: str, raw_result: str | None, failed: bool) -> None:
+    async def reconcile(
+        ctx: click.Context, call_key: str, raw_result: str | None, failed: bool, who: str
+    ) -> None:
         """Settle an in-doubt tool call (a crash hid its outcome), then `tower resume` the run."""
         if failed == (raw_result is not None):
             raise InvalidInputError("give exactly one of --result JSON or --failed")
 
         async def body(engine: EmbeddedEngine, gw: ToolGateway) -> None:
-            record = await gw.calls.get(call_key)
-            if record is None:
-                raise NotFoundError(f"no tool call {call_key!r}", hint="the key is in the step's error")
-            if record.status != "started":
-                raise TowerError(f"call {call_key} is {record.status}, not in doubt")
-            await gw.calls.resolve_in_doubt(
-                call_key, result=parse_input(raw_result) if raw_result else None, failed=failed
-            )
+            result = parse_input(raw_result) if raw_result else None
+            await gw.reconcile(call_key, by=who, result=result, failed=failed)
             out.print(f"recorded {call_key} as {'failed' if failed else 'completed'}")
 
         await with_gateway(ctx, body)

@@ -1,8 +1,9 @@
 """Hierarchical budgets: every charged call reserves on its run, workflow, department and tenant.
 
 Why reservations: a call's price is known (or estimated) before it runs and charged after,
-and several calls run at once. Reserving first makes the cap exact under concurrency:
-``used + reserved`` never passes the cap, however many coroutines or processes race.
+and calls run at once. Reserving first makes caps exact: ``used + reserved`` never passes a
+cap, however many coroutines or processes race. Units are integers: ``micros`` (micro-units
+of the currency) and ``tokens``.
 
 How it stays exact:
 
@@ -18,8 +19,6 @@ How it stays exact:
   advisory transaction lock. All budget rows of a tenant are therefore changed by one
   transaction at a time, which also rules out lock-order deadlocks between group-committed
   batches; the rare remaining deadlock (batches spanning several tenants) is retried.
-
-Units are integers: ``micros`` (micro-units of the currency) and ``tokens``.
 
 Crashed processes leave reservations behind; :meth:`BudgetLedger.expire_stale` returns them.
 The engine should call it from its maintenance loop (say once a minute) with ``older_than``
@@ -101,18 +100,13 @@ class Reservation:
     @property
     def charged(self) -> int:
         """What the budgets hold for this call now: the reserve, the actual amount, or nothing."""
-        if self.status == "reserved":
-            return self.amount
-        if self.status == "committed":
-            return self.actual or 0
-        return 0
+        held = {"reserved": self.amount, "committed": self.actual or 0}
+        return held.get(self.status, 0)
 
     @property
     def overspend(self) -> int:
         """How much more than reserved was charged at commit (not checked against the caps)."""
-        if self.status != "committed" or self.actual is None:
-            return 0
-        return max(0, self.actual - self.amount)
+        return max(0, (self.actual or 0) - self.amount) if self.status == "committed" else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +217,9 @@ class BudgetLedger:
             now = self._clock()
             self._lock(conn, tenant)
             fresh = Reservation(key, tenant, tuple(wanted), unit, amount, "reserved", None, now, None)
-            for attempt in range(2):
+            for _ in range(2):
                 previous = None
-                if (
-                    conn.execute(self._claim, {**_row(fresh), "created_at": now}).first() is None
-                ):  # key exists
+                if conn.execute(self._claim, _row(fresh)).first() is None:  # the key exists
                     previous = _load(conn, key)
                     if previous is None:
                         raise ConflictError(f"reservation {key!r} was purged concurrently", hint="retry")
@@ -246,9 +238,11 @@ class BudgetLedger:
                     conn.execute(_DELETE_RES, {"b_key": key})
                 else:
                     conn.execute(_REWRITE, _rewrite("reserved", previous))
-                if attempt == 0:  # perhaps only rows missing: create them (track-only), try again
-                    self._create_missing(conn, tenant, unit, order, now)
-            return _exceeded(conn, tenant, unit, wanted, amount)
+                exceeded, missing = _diagnose(conn, tenant, unit, wanted, amount)
+                if exceeded is not None:
+                    return exceeded
+                self._add_rows(conn, tenant, unit, missing, now)  # track-only; then again
+            raise ConflictError("budgets changed while reserving", hint="retry the reservation")
 
         result = await run_retrying(self._store, fn)
         if isinstance(result, BudgetExceeded):
@@ -307,8 +301,9 @@ class BudgetLedger:
     async def expire_stale(self, older_than: float, *, limit: int = 1000) -> int:
         """Release reservations still open ``older_than`` seconds after they were made.
 
-        For reservations left by crashed processes; returns how many were released. See the
-        module docstring for how often and with what age to call it.
+        For reservations left by crashed processes; returns how many were released, at most
+        ``limit`` (oldest first: call again while it returns ``limit``). See the module
+        docstring for how often and with what age to call it.
         """
         if older_than < 0:
             raise InvalidInputError("older_than must be >= 0 seconds")
@@ -319,7 +314,7 @@ class BudgetLedger:
             rows = conn.execute(
                 sa.select(r.key, r.tenant)
                 .where(r.status == "reserved", r.created_at < cutoff)
-                .order_by(r.tenant, r.key)
+                .order_by(r.created_at)
                 .limit(limit)
             ).all()
             for tenant in sorted({row.tenant for row in rows}):
@@ -380,7 +375,7 @@ class BudgetLedger:
         return res
 
     def _move(self, conn: Connection, res: Reservation, held: int, charge: int | None) -> None:
-        """Take ``held`` off ``reserved`` and add ``charge`` to ``used`` on every scope."""
+        """Take ``held`` off ``reserved``, add ``charge`` to ``used``, on every scope."""
         scopes = sorted(set(res.scopes))
         values = {"t": res.tenant, "u": res.unit, "scopes": scopes, "held": held, "charge": charge or 0}
         changed = conn.execute(_SETTLE, {**values, "now": self._clock()}).rowcount
@@ -390,9 +385,7 @@ class BudgetLedger:
                 hint="do not delete budget rows that have open reservations",
             )
 
-    def _create_missing(
-        self, conn: Connection, tenant: str, unit: str, scopes: list[str], now: float
-    ) -> None:
+    def _add_rows(self, conn: Connection, tenant: str, unit: str, scopes: list[str], now: float) -> None:
         base = {"tenant": tenant, "unit": unit, "cap": None, "used": 0, "reserved": 0, "updated_at": now}
         conn.execute(self._insert(t.budgets).on_conflict_do_nothing(), [{**base, "scope": s} for s in scopes])
 
@@ -429,8 +422,10 @@ def _load(conn: Connection, key: str) -> Reservation | None:
 
 
 def _row(r: Reservation) -> dict[str, Any]:
-    scopes = json.dumps(list(r.scopes))
-    return dict(key=r.key, tenant=r.tenant, scopes=scopes, unit=r.unit, amount=r.amount, status=r.status)
+    row = dict(
+        key=r.key, tenant=r.tenant, unit=r.unit, amount=r.amount, status=r.status, created_at=r.created_at
+    )
+    return {**row, "scopes": json.dumps(list(r.scopes))}
 
 
 def _rewrite(old: str, r: Reservation) -> dict[str, Any]:
@@ -457,27 +452,28 @@ def _same(res: Reservation, tenant: str, unit: str, scopes: list[str]) -> None:
         )
 
 
-def _exceeded(conn: Connection, tenant: str, unit: str, scopes: list[str], amount: int) -> BudgetExceeded:
+def _diagnose(
+    conn: Connection, tenant: str, unit: str, scopes: list[str], amount: int
+) -> tuple[BudgetExceeded | None, list[str]]:
+    """Why a charge failed: the first capped scope it would exceed, else the missing rows."""
     b = t.budgets.c
-    rows = conn.execute(
-        sa.select(b.scope, b.cap, b.used, b.reserved)
-        .where(b.tenant == tenant, b.unit == unit, b.scope.in_(scopes))
-        .with_for_update()
-    )
-    found = {row.scope: row for row in rows}
+    query = sa.select(b.scope, b.cap, b.used, b.reserved)
+    query = query.where(b.tenant == tenant, b.unit == unit, b.scope.in_(scopes)).with_for_update()
+    found = {row.scope: row for row in conn.execute(query)}
     for scope in scopes:  # the caller's order: narrowest first
         row = found.get(scope)
         if row is not None and row.cap is not None and row.used + row.reserved + amount > row.cap:
+            used, reserved = int(row.used), int(row.reserved)
             return BudgetExceeded(
                 tenant=tenant,
                 scope=scope,
                 unit=unit,
                 cap=int(row.cap),
-                used=int(row.used),
-                reserved=int(row.reserved),
+                used=used,
+                reserved=reserved,
                 requested=amount,
-            )
-    raise ConflictError("budgets changed while reserving", hint="retry the reservation")
+            ), []
+    return None, sorted(set(scopes) - set(found))
 
 
 # Statements built once: building costs more than running them on SQLite.

@@ -118,6 +118,15 @@ class CallLog:
     async def complete(self, key: str, result: Any) -> None:
         await self._finish(key, "completed", result=dumps(result))
 
+    @staticmethod
+    def complete_in(conn: sa.Connection, key: str, result: Any) -> None:
+        """Record the result inside the caller's transaction (with its audit record)."""
+        conn.execute(
+            t.tool_calls.update()
+            .where(t.tool_calls.c.idem_key == key)
+            .values(status="completed", finished_at=time.time(), result=dumps(result))
+        )
+
     async def fail(self, key: str, error: dict[str, Any]) -> None:
         await self._finish(key, "failed", error=json.dumps(error, default=str))
 

@@ -33,7 +33,7 @@ from controltower.gateway.ratelimit import RateLimited, RateLimiter
 from controltower.gateway.registry import ToolRegistry, ToolUnavailableError, UnknownToolError
 from controltower.gateway.secrets import Redactor, SecretScope
 from controltower.gateway.tools import ExecContext, ToolDefinition, args_digest
-from controltower.spec.errors import InvalidInputError, TowerError
+from controltower.spec.errors import ConflictError, InvalidInputError, NotFoundError, TowerError
 from controltower.store.sql import SqlStore
 
 _tracer = trace.get_tracer("controltower.gateway")
@@ -192,6 +192,8 @@ class ToolGateway:
                 return await self._stop(
                     req, tool, "idempotency_conflict", "this call key already ran with different arguments"
                 )
+            if tool.cost_micros:  # idempotent; settles a charge a crash may have interrupted
+                await self.budgets.commit(req.call_key, tool.cost_micros)
             return ToolResult("ok", tool.name, tool.version, output=prior.result, replayed=True)
 
         cost_cents = 0
@@ -295,8 +297,9 @@ class ToolGateway:
                 req,
                 tool,
                 "in_doubt",
-                f"an earlier attempt of this {tool.side_effect} call started but never reported; "
-                "it is not run again automatically",
+                f"an earlier attempt of this {tool.side_effect} call started but never reported, so it "
+                f"is not run again automatically; find out what happened, then settle it with: "
+                f"tower reconcile {req.call_key} --result JSON (or --failed), and resume the run",
                 ids,
             )
         if claim.outcome == "approval_used":
@@ -350,9 +353,6 @@ class ToolGateway:
             await self._release(req, tool)
             await self._audit(req, tool, "tool_call", "invalid_output", problems, digest, {})
             return ToolResult("error", tool.name, tool.version, code="invalid_output", reason=problems)
-        await self.calls.complete(req.call_key, output)
-        if tool.cost_micros:
-            await self.budgets.commit(req.call_key, tool.cost_micros)
         data = {
             "side_effect": tool.side_effect,
             "risk": tool.risk,
@@ -362,8 +362,39 @@ class ToolGateway:
             "approval_id": approval.id if approval else None,
             "edited": bool(approval and approval.edited),
         }
-        await self._audit(req, tool, "tool_call", "executed", None, exec_digest, data)
+        # the result and its audit record commit together: a crash cannot leave an executed
+        # call unaudited (and a replay finds the result, so it never runs again)
+        event = self._event(req, tool, "tool_call", "executed", None, exec_digest, data)
+
+        def record(conn: Any) -> Any:
+            self.calls.complete_in(conn, req.call_key, output)
+            return self.audit.append_in(conn, [event])
+
+        await self.audit.publish(await self.store.run(record))
+        if tool.cost_micros:
+            await self.budgets.commit(req.call_key, tool.cost_micros)
         return ToolResult("ok", tool.name, tool.version, output=output, policy_ids=ids)
+
+    async def reconcile(self, call_key: str, *, by: str, result: Any = None, failed: bool = False) -> None:
+        """Settle an in-doubt call with what really happened; audited like any decision."""
+        record = await self.calls.get(call_key)
+        if record is None:
+            raise NotFoundError(f"no tool call {call_key!r}", hint="the key is in the step's error")
+        if record.status != "started":
+            raise ConflictError(f"call {call_key} is {record.status}, not in doubt")
+        await self.calls.resolve_in_doubt(call_key, result=result, failed=failed)
+        tenant = call_key.split("/", 1)[0]
+        event = AuditEvent(
+            tenant=tenant,
+            actor=f"user:{by}",
+            kind="reconcile",
+            outcome="failed" if failed else "completed",
+            subject=record.tool,
+            reason="an operator settled an in-doubt call",
+            inputs_digest=record.args_digest,
+            data={"call_key": call_key, "result": result},
+        )
+        await self.audit.append(event)
 
     # -- approvals -------------------------------------------------------------------------
 
@@ -633,7 +664,19 @@ class ToolGateway:
         digest: str | None,
         data: dict[str, Any],
     ) -> None:
-        event = AuditEvent(
+        await self.audit.append(self._event(req, tool, kind, outcome, reason, digest, data))
+
+    def _event(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition | None,
+        kind: str,
+        outcome: str,
+        reason: str | None,
+        digest: str | None,
+        data: dict[str, Any],
+    ) -> AuditEvent:
+        return AuditEvent(
             ts=time.time(),
             tenant=req.tenant,
             actor=req.actor,
@@ -646,7 +689,6 @@ class ToolGateway:
             inputs_digest=digest,
             data={**data, "step_key": req.step_key, "call_index": req.call_index, "env": self.env},
         )
-        await self.audit.append(event)
 
 
 async def open_gateway(

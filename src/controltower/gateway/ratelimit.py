@@ -171,7 +171,7 @@ class RateLimiter:
             level = min(burst, tokens + max(0.0, now - updated_at) * per_second)
             return max((1.0 - level) / per_second, 1e-6)
 
-        return await self._store.run(fn)
+        return await run_retrying(self._store, fn)
 
     async def acquire(
         self, key: str, rate: RateLimit, *, wait: bool = True, timeout: float | None = None
@@ -227,9 +227,11 @@ class RateLimiter:
 
         ``holder`` names this call (e.g. its call key) and must be unique among calls in
         flight: a holder entering again takes over its own old row (a replay after a crash).
-        Waits (polling with backoff, woken early by releases in this process) while all
-        slots are taken; ``wait=False`` or ``timeout`` raise :class:`ConcurrencyLimited`.
-        The row is deleted on exit, also on error or cancellation.
+        While all slots are taken, the process's waiters queue in order and the first polls
+        the store with backoff (2 ms doubling to 100 ms), woken at once by a release in this
+        process; a newcomer may still take a slot freed before the queue sees it. ``wait=False``
+        or ``timeout`` (seconds) raise :class:`ConcurrencyLimited`. The row is deleted on exit,
+        also on error or cancellation.
         """
         _check_key(key)
         if limit < 1:
@@ -249,16 +251,16 @@ class RateLimiter:
             await self._exit(handle)
 
     async def _enter(self, handle: SlotHandle, limit: int, wait: bool, timeout: float | None) -> None:
-        if not wait:
-            if not await self._try_enter(handle, limit):
-                raise _full(handle, limit, _MIN_POLL)
+        if await self._try_enter(handle, limit):  # the fast path: concurrent callers share a batch
             return
+        if not wait:
+            raise _full(handle, limit, _MIN_POLL)
         gate = self._gate(handle.key)
         poll = _MIN_POLL
         try:
             async with asyncio.timeout(timeout), gate.lock:
-                # one waiter per key and process polls the store; the others queue here in
-                # order, so a full tool costs one query per poll, not one per waiting call
+                # the tool is full: one waiter per key and process polls the store, the others
+                # queue here in order (a full tool costs one query per poll, not one per call)
                 while True:
                     gate.freed.clear()
                     if await self._try_enter(handle, limit):
