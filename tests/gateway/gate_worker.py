@@ -16,7 +16,8 @@ Modes:
 ``--lease`` is the engine's lease (short, so a killed owner's runs are taken over quickly).
 Fault injection: ``GATE_FAULT=kill_after_complete`` SIGKILLs this process right after the
 gateway has recorded a tool call as completed (its result and "executed" audit record
-committed), before the engine saves the step. ``TOWER_TEST_HANG`` makes the tools hang after their side effect.
+committed), before the engine saves the step. ``TOWER_TEST_HANG`` makes the tools hang
+after their side effect.
 """
 
 from __future__ import annotations

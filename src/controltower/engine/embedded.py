@@ -73,6 +73,7 @@ class EmbeddedEngine:
         self._published: dict[int, tuple[WorkflowSpec, WorkflowRecord]] = {}
         self._specs: dict[tuple[str, int], tuple[WorkflowSpec, str | None]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._spawns_children: dict[tuple[str, int], bool] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -499,14 +500,17 @@ class EmbeddedEngine:
         if not finished:
             raise LeaseLostError(f"run {run.id} is no longer ours to finish; another engine took it over")
         self._notify(run.id)
-        await self._cancel_children(run.id, status)
+        await self._cancel_children(run, status)
         if run.parent_run_id and run.parent_step_key:
             data = {"run_id": run.id, "status": status}
             await self.store.send_signal(run.parent_run_id, f"child:{run.parent_step_key}", data, now)
             await self.wake(run.parent_run_id)
 
-    async def _cancel_children(self, run_id: str, status: str) -> None:
+    async def _cancel_children(self, run: RunRecord, status: str) -> None:
         """A child run exists only for its parent: once the parent ends, its active children stop."""
+        if not await self._has_subworkflows(run):
+            return
+        run_id = run.id
         active = ("pending", "running", "waiting")
         before: str | None = None
         while True:
@@ -518,6 +522,14 @@ class EmbeddedEngine:
             if len(children) < flt.limit:
                 return
             before = children[-1].id
+
+    async def _has_subworkflows(self, run: RunRecord) -> bool:
+        key = (run.workflow, run.version)
+        known = self._spawns_children.get(key)
+        if known is None:
+            spec, _ = await self.spec_for(run.workflow, run.version)
+            known = self._spawns_children[key] = _mentions_kind(spec.model_dump(mode="json"), "subworkflow")
+        return known
 
     async def _beat(self) -> None:
         """Renew leases of the runs in progress; stop runs whose lease was lost or that were cancelled."""
@@ -549,6 +561,15 @@ class EmbeddedEngine:
         event = self._status_events.pop(run_id, None)
         if event is not None:
             event.set()
+
+
+def _mentions_kind(value: Any, kind: str) -> bool:
+    """Whether any step nested anywhere in a dumped spec has this ``kind``."""
+    if isinstance(value, dict):
+        return value.get("kind") == kind or any(_mentions_kind(v, kind) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions_kind(v, kind) for v in value)
+    return False
 
 
 def parse_limits(text: str) -> dict[str, int]:
