@@ -185,5 +185,6 @@ def test_demo_runs_end_to_end(tower: Tower) -> None:
     assert "auto-approver (demo mode)" in out
     assert "KPI automation_rate" in out
     assert "estimated agent time saved" in out
+    assert "0 stopped; audit chain intact" in " ".join(out.split())
     runs = tower("runs", "--limit", "100").stdout
     assert runs.count("completed") == 15

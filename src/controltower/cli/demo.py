@@ -30,9 +30,17 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
     session = time.strftime("%Y%m%d%H%M%S")
     engine = await EmbeddedEngine.open(db)
     try:
+        from controltower.gateway.engine_gate import GovernedToolGate
+        from controltower.gateway.pipeline import open_gateway
+
+        gateway = await open_gateway(engine.store, policies=str(folder / "policies"))
+        engine.tool_gate = GovernedToolGate(gateway)
         out.print(
             f"[bold]Control Tower demo[/bold]: workflow [cyan]{spec.name}[/cyan] over {len(tickets)} "
             f"tickets, store {engine.store.url}"
+        )
+        out.print(
+            f"[dim]Every tool call passes the governed gateway (Cedar policies in {folder / 'policies'}).[/dim]"
         )
         out.print("[dim]No model configured: the agents are rule-based and heuristic (offline mode).[/dim]")
         started = time.monotonic()
@@ -61,7 +69,19 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
                 await asyncio.gather(*[_auto_decide(engine, r) for r in waiting])
                 runs = await _progress(engine, unique, TERMINAL, "resuming", out)
         elapsed = time.monotonic() - started
-        return _summary(spec, runs, elapsed, out)
+        summary = _summary(spec, runs, elapsed, out)
+        stats = gateway.metrics.snapshot()
+        calls = sum(sum(s["calls"].values()) for s in stats.values())
+        stopped = sum(n for s in stats.values() for status, n in s["calls"].items() if status != "ok")
+        chain = await gateway.audit.verify()
+        out.print(
+            f"Governance: {calls} tool calls through the gateway, {stopped} stopped; audit chain "
+            + ("[green]intact[/green]" if chain.ok else "[red]BROKEN[/red]")
+            + f" ({chain.checked} records). See: tower audit list, tower tools list."
+        )
+        summary["governed_calls"] = calls
+        summary["audit_ok"] = chain.ok
+        return summary
     finally:
         await engine.close()
 

@@ -148,6 +148,7 @@ class ToolGateway:
         self.metrics = metrics or GatewayMetrics()
         self.rate_wait = rate_wait
         self._validators: dict[tuple[str, str, str], Any] = {}
+        self._policy_lock = asyncio.Lock()
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -574,14 +575,17 @@ class ToolGateway:
         """The policy engine with ``tool`` in its schema; rebuilt when the registry grew."""
         if self.policy is not None and self.policy.knows(tool):
             return self.policy
-        tools = {t.name: t for t in self.policy.tools} if self.policy is not None else {}
-        tools.update({t.name: t for t in await self.registry.latest(tenant=tenant)})
-        tools[tool.name] = tool
-        try:
-            self.policy = PolicyEngine(self.policy_texts, tools.values())
-        except PolicyError as exc:
-            return exc
-        return self.policy
+        async with self._policy_lock:  # concurrent first calls build it once, not once each
+            if self.policy is not None and self.policy.knows(tool):
+                return self.policy
+            tools = {t.name: t for t in self.policy.tools} if self.policy is not None else {}
+            tools.update({t.name: t for t in await self.registry.latest(tenant=tenant)})
+            tools[tool.name] = tool
+            try:
+                self.policy = PolicyEngine(self.policy_texts, tools.values())
+            except PolicyError as exc:
+                return exc
+            return self.policy
 
     def reload_policies(self, texts: Mapping[str, str]) -> None:
         """Swap the policy set (validated against the tools on the next call)."""
