@@ -40,7 +40,8 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
             f"tickets, store {engine.store.url}"
         )
         out.print(
-            f"[dim]Every tool call passes the governed gateway (Cedar policies in {folder / 'policies'}).[/dim]"
+            "[dim]Every tool call passes the governed gateway "
+            f"(Cedar policies in {folder / 'policies'}).[/dim]"
         )
         out.print("[dim]No model configured: the agents are rule-based and heuristic (offline mode).[/dim]")
         started = time.monotonic()
