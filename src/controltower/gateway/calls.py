@@ -37,6 +37,19 @@ class CallRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CallRecordRow:
+    """What identifies a call when its row is written."""
+
+    key: str
+    tenant: str
+    tool: str
+    version: str
+    digest: str
+    run_id: str | None
+    step_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     outcome: Literal["claimed", "completed", "in_doubt", "approval_used", "digest_mismatch"]
     record: CallRecord | None = None
@@ -119,13 +132,34 @@ class CallLog:
         await self._finish(key, "completed", result=dumps(result))
 
     @staticmethod
-    def complete_in(conn: sa.Connection, key: str, result: Any) -> None:
-        """Record the result inside the caller's transaction (with its audit record)."""
-        conn.execute(
+    def complete_in(conn: sa.Connection, call: CallRecordRow, result: Any) -> None:
+        """Record the result inside the caller's transaction (with its audit record).
+
+        A claimed call's row is updated; an unclaimed one (a read) is inserted completed.
+        """
+        now = time.time()
+        text = dumps(result)
+        done = conn.execute(
             t.tool_calls.update()
-            .where(t.tool_calls.c.idem_key == key)
-            .values(status="completed", finished_at=time.time(), result=dumps(result))
-        )
+            .where(t.tool_calls.c.idem_key == call.key)
+            .values(status="completed", finished_at=now, result=text)
+        ).rowcount
+        if done == 0:
+            conn.execute(
+                t.tool_calls.insert().values(
+                    idem_key=call.key,
+                    tenant=call.tenant,
+                    run_id=call.run_id,
+                    step_key=call.step_key,
+                    tool=call.tool,
+                    version=call.version,
+                    args_digest=call.digest,
+                    status="completed",
+                    result=text,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
 
     async def fail(self, key: str, error: dict[str, Any]) -> None:
         await self._finish(key, "failed", error=json.dumps(error, default=str))

@@ -25,7 +25,7 @@ from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approv
 from controltower.gateway.audit import AuditEvent, AuditLog
 from controltower.gateway.autonomy import AutonomySettings, tighten
 from controltower.gateway.budgets import BudgetExceeded, BudgetLedger
-from controltower.gateway.calls import CallLog
+from controltower.gateway.calls import CallLog, CallRecordRow, Claim
 from controltower.gateway.metrics import GatewayMetrics
 from controltower.gateway.monitor import Controls
 from controltower.gateway.policy import PolicyEngine, PolicyError, PolicyRequest, read_policy_dir
@@ -279,17 +279,22 @@ class ToolGateway:
             await self._release(req, tool)
             return await self._stop(req, tool, "tool_unavailable", str(exc), ids)
         retry_in_doubt = not tool.writes or "idempotent" in tool.tags
-        claim = await self.calls.claim(
-            req.call_key,
-            tenant=req.tenant,
-            tool=tool.name,
-            version=tool.version,
-            digest=digest,
-            run_id=req.run_id,
-            step_key=req.step_key,
-            retry_in_doubt=retry_in_doubt,
-            approval=(req.call_key, exec_digest) if approval is not None else None,
-        )
+        # A read needs no "started" mark: running it again is harmless, so its only write is
+        # the result with its audit record (one commit). Writes are claimed before they run.
+        claimed = tool.writes or approval is not None
+        claim = Claim("claimed")
+        if claimed:
+            claim = await self.calls.claim(
+                req.call_key,
+                tenant=req.tenant,
+                tool=tool.name,
+                version=tool.version,
+                digest=digest,
+                run_id=req.run_id,
+                step_key=req.step_key,
+                retry_in_doubt=retry_in_doubt,
+                approval=(req.call_key, exec_digest) if approval is not None else None,
+            )
         if claim.outcome == "completed":
             assert claim.record is not None
             return ToolResult("ok", tool.name, tool.version, output=claim.record.result, replayed=True)
@@ -367,8 +372,12 @@ class ToolGateway:
         # call unaudited (and a replay finds the result, so it never runs again)
         event = self._event(req, tool, "tool_call", "executed", None, exec_digest, data)
 
+        call = CallRecordRow(
+            req.call_key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key
+        )
+
         def record(conn: Any) -> Any:
-            self.calls.complete_in(conn, req.call_key, output)
+            self.calls.complete_in(conn, call, output)
             return self.audit.append_in(conn, [event])
 
         await self.audit.publish(await self.store.run(record))
