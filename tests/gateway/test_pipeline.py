@@ -441,3 +441,30 @@ async def test_autonomy_changes_are_audited_and_loosening_needs_a_second_person(
     )
     agent_call = req("helpdesk.reply", write, step_key="e", agent="triage", agent_autonomy="expanded")
     assert (await gateway.call(agent_call)).status == "pending_approval"
+
+
+async def test_notifier_hears_requests_escalations_and_decisions(gateway: ToolGateway) -> None:
+    heard: list[tuple[str, str, str | None]] = []
+
+    async def notify(event: str, request: Any) -> None:
+        heard.append((event, request.tool, request.approval_group))
+
+    gateway.notifier = notify
+    settings = ApprovalSettings(sla=0.0001, on_timeout="escalate", escalate_to="cfo-office")
+    ask = req("payments.refund", {"amount_cents": 7_000}, approval=settings)
+    pending = await gateway.call(ask)
+    await gateway.call(ask)  # past the SLA: escalated
+    assert pending.approval_id is not None
+    await gateway.decide(pending.approval_id, approver=Approver("ada", "admin"), approve=True)
+    assert heard == [
+        ("requested", "payments.refund", "finance"),
+        ("escalated", "payments.refund", "cfo-office"),
+        ("decided", "payments.refund", "cfo-office"),
+    ]
+
+    async def broken(event: str, request: Any) -> None:
+        raise RuntimeError("slack is down")
+
+    gateway.notifier = broken  # a failing notifier never blocks or loses the request
+    other = await gateway.call(req("payments.refund", {"amount_cents": 7_000}, step_key="n2"))
+    assert other.status == "pending_approval"
