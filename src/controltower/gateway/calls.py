@@ -182,11 +182,13 @@ class CallLog:
         await self.store.run(fn)
 
 
+# built once: constructing a statement costs more than running it on SQLite
+_SELECT = sa.select(t.tool_calls).where(t.tool_calls.c.idem_key == sa.bindparam("key"))
+_SELECT_LOCKED = _SELECT.with_for_update()
+
+
 def _get(conn: sa.Connection, key: str, *, lock: bool = False) -> CallRecord | None:
-    query = sa.select(t.tool_calls).where(t.tool_calls.c.idem_key == key)
-    if lock:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+    row = conn.execute(_SELECT_LOCKED if lock else _SELECT, {"key": key}).first()
     if row is None:
         return None
     m = row._mapping

@@ -198,7 +198,7 @@ class ToolGateway:
             return ToolResult("ok", tool.name, tool.version, output=prior.result, replayed=True)
 
         cost_cents = 0
-        if tool.cost_micros or req.run_id:
+        if req.run_id and self._policies_use_cost():  # a store read only when a policy looks at cost
             cost_cents = await self._run_cost_cents(req)
         policy = await self._policy_for(tool, req.tenant)
         if isinstance(policy, PolicyError):
@@ -595,6 +595,9 @@ class ToolGateway:
             except PolicyError as exc:
                 return exc
             return self.policy
+
+    def _policies_use_cost(self) -> bool:
+        return any("cost_cents" in text for text in self.policy_texts.values())
 
     def reload_policies(self, texts: Mapping[str, str]) -> None:
         """Swap the policy set (validated against the tools on the next call)."""
