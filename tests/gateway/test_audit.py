@@ -362,6 +362,7 @@ async def main(url, name, n):
             for i in range(start, min(n, start + 10))
         ]
         await asyncio.gather(*(log.append(e) for e in events))
+        await asyncio.sleep(0.005)  # let the other process in, even on a loaded machine
     await store.close()
     print("done", flush=True)
 

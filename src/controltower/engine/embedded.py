@@ -368,6 +368,8 @@ class EmbeddedEngine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.tool_gate is not None:
+            await self.tool_gate.aclose()
         await self.store.close()
 
     # -- driving one run -----------------------------------------------------------

@@ -20,6 +20,13 @@ from controltower.store.base import WorkflowRecord
 class GovernedToolGate:
     def __init__(self, gateway: ToolGateway) -> None:
         self.gateway = gateway
+        # the engine commits each step after its tool calls, on the same store, in order:
+        # a read's record needs no commit of its own
+        gateway.defer_read_records = True
+
+    async def aclose(self) -> None:
+        await self.gateway.flush()
+        await self.gateway.registry.aclose()
 
     async def on_publish(self, spec: WorkflowSpec, record: WorkflowRecord, base_dir: str | None) -> None:
         owner = spec.owner.team if spec.owner else "unowned"

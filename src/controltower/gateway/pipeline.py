@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ class ToolGateway:
         self.rate_wait = rate_wait
         self._validators: dict[tuple[str, str, str], Any] = {}
         self._policy_lock = asyncio.Lock()
+        # True under the engine: a read's record rides on the next commit (see _execute)
+        self.defer_read_records = False
+        self._deferred: set[asyncio.Future[None]] = set()
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -380,10 +384,30 @@ class ToolGateway:
             self.calls.complete_in(conn, call, output)
             return self.audit.append_in(conn, [event])
 
-        await self.audit.publish(await self.store.run(record))
+        pending = self.store.run(record)
+        if self.defer_read_records and not tool.writes and not tool.cost_micros:
+            # The store commits jobs in order, so this record is durable no later than anything
+            # the caller commits after using the result (the engine's step record): a crash
+            # cannot keep a step that used an unaudited read. Writes always wait.
+            task = asyncio.ensure_future(self._publish_later(pending))
+            self._deferred.add(task)
+            task.add_done_callback(self._deferred.discard)
+        else:
+            await self.audit.publish(await pending)
         if tool.cost_micros:
             await self.budgets.commit(req.call_key, tool.cost_micros)
         return ToolResult("ok", tool.name, tool.version, output=output, policy_ids=ids)
+
+    async def _publish_later(self, pending: Awaitable[Any]) -> None:
+        try:
+            await self.audit.publish(await pending)
+        except Exception:
+            logging.getLogger("controltower.gateway").exception("recording a read tool call failed")
+
+    async def flush(self) -> None:
+        """Wait until deferred read records are committed (call before closing the store)."""
+        while self._deferred:
+            await asyncio.gather(*list(self._deferred), return_exceptions=True)
 
     async def reconcile(self, call_key: str, *, by: str, result: Any = None, failed: bool = False) -> None:
         """Settle an in-doubt call with what really happened; audited like any decision."""
