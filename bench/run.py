@@ -1,6 +1,6 @@
 """Control Tower vs LangGraph on the same durable workloads; prints one table.
 
-    .venv/bin/python bench/run.py [--only W1,W3] [--quick] [--workdir DIR] [--json FILE] [--in-process]
+    .venv/bin/python bench/run.py [--only W1,W3,GW] [--quick] [--workdir DIR] [--json FILE] [--in-process]
 
 One command runs both systems, one workload at a time, each on its own fresh SQLite
 file (WAL, ``synchronous=FULL``). By default every (workload, system) pair runs in a
@@ -9,7 +9,9 @@ process, the second system's peak-RSS delta shrinks by whatever the first one fr
 (W4 showed 57 -> 38 MiB for LangGraph and 19 -> 5 MiB for Control Tower). ``--in-process``
 runs everything in this process instead. Control Tower goes first in every workload.
 The ratio column is LangGraph / Control Tower: above 1 means Control Tower is faster
-(or smaller). Workloads and results: bench/README.md.
+(or smaller). Afterwards the tool-gateway overhead benchmark (bench/gateway.py, section
+``GW``) runs in a child process; ``--no-gateway`` skips it. Workloads and results:
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.common import FULL, QUICK, Result, Sizes
 
 WORKLOADS = ("W1", "W2", "W3", "W4")
+GATEWAY = "GW"  # the tool-gateway overhead section: bench/gateway.py, run after the workloads
 
 DESCRIPTIONS = {
     "W1": "{w1_runs} runs x {w1_steps} sequential no-op steps",
@@ -141,6 +144,29 @@ def run_child(key: str, workload: str, workdir: Path, quick: bool) -> dict[str, 
         if proc.returncode != 0 or not text:
             return {"error": f"child process exited with {proc.returncode}"}
         data: dict[str, Any] = json.loads(text)
+        return data
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/gateway.py in a child process; it prints its own tables, its JSON comes back here."""
+    print("\ntool-gateway overhead (bench/gateway.py) ...", file=sys.stderr, flush=True)
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "gateway.py"), "--json", out]
+    if args.quick:
+        cmd.append("--quick")
+    if args.workdir is not None:
+        cmd += ["--workdir", str(args.workdir)]
+    try:
+        proc = subprocess.run(cmd, check=False)
+        text = Path(out).read_text()
+        if not text:
+            return {"error": f"bench/gateway.py exited with {proc.returncode}"}
+        data: dict[str, Any] = json.loads(text)
+        if proc.returncode != 0:
+            data["error"] = f"bench/gateway.py exited with {proc.returncode}"
         return data
     finally:
         Path(out).unlink(missing_ok=True)
@@ -268,7 +294,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="", help="comma-separated workloads to run, e.g. W1,W3")
+    parser.add_argument(
+        "--only", default="", help="comma-separated workloads to run, e.g. W1,W3 (GW: the gateway section)"
+    )
+    parser.add_argument("--no-gateway", action="store_true", help="skip the gateway overhead section (GW)")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in a few seconds")
     parser.add_argument("--workdir", type=Path, help="where the SQLite files go (default: a temp dir)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -288,11 +317,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.child:
         return args
-    chosen = [w.strip().upper() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
-    unknown = [w for w in chosen if w not in WORKLOADS]
+    chosen = [w.strip().upper() for w in args.only.split(",") if w.strip()] or [*WORKLOADS, GATEWAY]
+    unknown = [w for w in chosen if w not in (*WORKLOADS, GATEWAY)]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-    args.workloads = chosen
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}, GW")
+    args.workloads = [w for w in chosen if w != GATEWAY]
+    args.gateway = GATEWAY in chosen and not args.no_gateway
     return args
 
 
@@ -347,13 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         graph = sides_data.get("langgraph", {}).get("metrics", {})
         sides_data["ratio"] = {m: graph[m] / tower[m] for m in tower if graph.get(m) and tower[m]}
 
-    print_table(build_rows(report, sizes, full=not args.quick), collect_notes(report, sizes))
+    if args.workloads:
+        print_table(build_rows(report, sizes, full=not args.quick), collect_notes(report, sizes))
     print(
         "machine: "
         + ", ".join(f"{k}={v}" for k, v in report["machine"].items())
         + "\nversions: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     )
+    if args.gateway:
+        report["gateway"] = run_gateway(args)
+        failed = failed or "error" in report["gateway"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
