@@ -249,6 +249,23 @@ class BudgetLedger:
             raise result
         return result
 
+    def commit_in(self, conn: Connection, key: str, actual: int) -> Reservation | NotFoundError:
+        """:meth:`commit` inside the caller's transaction (e.g. with the call's result and audit)."""
+        for _ in range(3):
+            for old in ("reserved", "released"):
+                res = self._transition(conn, key, old, "committed", actual)
+                if res is not None:
+                    self._move(conn, res, res.amount if old == "reserved" else 0, actual)
+                    return res
+            res = _load(conn, key)
+            if res is None:
+                return NotFoundError(
+                    f"no budget reservation with key {key!r}", hint="reserve before committing"
+                )
+            if res.status == "committed":
+                return replace(res, replayed=True)
+        raise ConflictError(f"reservation {key!r} keeps changing concurrently", hint="retry")
+
     async def commit(self, key: str, actual: int) -> Reservation:
         """Settle a reservation at the ``actual`` amount and return the rest; idempotent.
 
@@ -261,20 +278,7 @@ class BudgetLedger:
             raise InvalidInputError(f"actual budget amount must be a whole number >= 0, got {actual!r}")
 
         def fn(conn: Connection) -> Reservation | NotFoundError:
-            for _ in range(3):
-                for old in ("reserved", "released"):
-                    res = self._transition(conn, key, old, "committed", actual)
-                    if res is not None:
-                        self._move(conn, res, res.amount if old == "reserved" else 0, actual)
-                        return res
-                res = _load(conn, key)
-                if res is None:
-                    return NotFoundError(
-                        f"no budget reservation with key {key!r}", hint="reserve before committing"
-                    )
-                if res.status == "committed":
-                    return replace(res, replayed=True)
-            raise ConflictError(f"reservation {key!r} keeps changing concurrently", hint="retry")
+            return self.commit_in(conn, key, actual)
 
         result = await run_retrying(self._store, fn)
         if isinstance(result, NotFoundError):

@@ -381,7 +381,11 @@ class ToolGateway:
         )
 
         def record(conn: Any) -> Any:
+            # one transaction: the result, the charge (before the audit chain's lock, always in
+            # this order) and the audit record
             self.calls.complete_in(conn, call, output)
+            if tool.cost_micros:
+                self.budgets.commit_in(conn, req.call_key, tool.cost_micros)
             return self.audit.append_in(conn, [event])
 
         pending = self.store.run(record)
@@ -394,8 +398,6 @@ class ToolGateway:
             task.add_done_callback(self._deferred.discard)
         else:
             await self.audit.publish(await pending)
-        if tool.cost_micros:
-            await self.budgets.commit(req.call_key, tool.cost_micros)
         return ToolResult("ok", tool.name, tool.version, output=output, policy_ids=ids)
 
     async def _publish_later(self, pending: Awaitable[Any]) -> None:
