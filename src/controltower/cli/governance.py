@@ -182,7 +182,7 @@ def register(cli: click.Group) -> None:
             from controltower.gateway.policy import PolicyError, PolicyRequest
 
             definition = await gw.registry.resolve(tool, tenant=tenant)
-            engine_or_error = await gw._policy_for(definition, tenant)
+            engine_or_error = await gw.policy_for(definition, tenant)
             if isinstance(engine_or_error, PolicyError):
                 raise engine_or_error
             request = PolicyRequest(
@@ -470,7 +470,7 @@ async def who_can(engine: EmbeddedEngine, gw: ToolGateway, name: str, tenant: st
     from controltower.spec.models import WorkflowSpec
 
     tool: ToolDefinition = await gw.registry.resolve(name, tenant=tenant)
-    policy = await gw._policy_for(tool, tenant)
+    policy = await gw.policy_for(tool, tenant)
     if isinstance(policy, PolicyError):
         raise policy
     rows: list[tuple[str, ...]] = []

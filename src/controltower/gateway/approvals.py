@@ -251,19 +251,7 @@ class ApprovalBook:
             if done != 1:
                 return False
             if req.run_id is not None:  # wake the parked run, in the same transaction
-                conn.execute(
-                    t.signals.insert().values(
-                        run_id=req.run_id,
-                        name=GATE_SIGNAL + req.call_key,
-                        payload=json.dumps(signal_payload),
-                        created_at=now,
-                    )
-                )
-                conn.execute(
-                    t.runs.update()
-                    .where(t.runs.c.id == req.run_id, t.runs.c.status == "waiting")
-                    .values(wake_at=now)
-                )
+                self.store.signal_in(conn, req.run_id, GATE_SIGNAL + req.call_key, signal_payload, now)
             return True
 
         if not await self.store.run(fn):
@@ -274,20 +262,22 @@ class ApprovalBook:
     async def consume(self, call_key: str, digest: str) -> bool:
         """Mark the approval of ``call_key`` used by an execution of exactly ``digest``; once."""
 
-        def fn(conn: sa.Connection) -> bool:
-            done = conn.execute(
-                t.approvals.update()
-                .where(
-                    t.approvals.c.call_key == call_key,
-                    t.approvals.c.status == "approved",
-                    t.approvals.c.approved_digest == digest,
-                    t.approvals.c.consumed_at.is_(None),
-                )
-                .values(consumed_at=time.time())
-            ).rowcount
-            return bool(done == 1)
+        return await self.store.run(lambda conn: self.consume_in(conn, call_key, digest))
 
-        return await self.store.run(fn)
+    @staticmethod
+    def consume_in(conn: sa.Connection, call_key: str, digest: str) -> bool:
+        """:meth:`consume` inside the caller's transaction (the call's claim)."""
+        done = conn.execute(
+            t.approvals.update()
+            .where(
+                t.approvals.c.call_key == call_key,
+                t.approvals.c.status == "approved",
+                t.approvals.c.approved_digest == digest,
+                t.approvals.c.consumed_at.is_(None),
+            )
+            .values(consumed_at=time.time())
+        ).rowcount
+        return bool(done == 1)
 
     async def escalate(self, approval_id: str, *, to_group: str, due_at: float | None) -> ApprovalRequest:
         def fn(conn: sa.Connection) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from controltower.gateway.approvals import ApprovalBook
 from controltower.store import tables as t
 from controltower.store.sql import SqlStore, dumps
 
@@ -88,18 +89,8 @@ class CallLog:
                 if prior.status == "started" and not retry_in_doubt:
                     return Claim("in_doubt", prior)
             if approval is not None and (prior is None or prior.status != "failed"):
-                call_key, approved_digest = approval
-                used = conn.execute(
-                    t.approvals.update()
-                    .where(
-                        t.approvals.c.call_key == call_key,
-                        t.approvals.c.status == "approved",
-                        t.approvals.c.approved_digest == approved_digest,
-                        t.approvals.c.consumed_at.is_(None),
-                    )
-                    .values(consumed_at=now)
-                ).rowcount
-                if used != 1 and prior is None:
+                used = ApprovalBook.consume_in(conn, *approval)
+                if not used and prior is None:
                     return Claim("approval_used")
             if prior is None:
                 conn.execute(

@@ -204,7 +204,7 @@ class ToolGateway:
         cost_cents = 0
         if req.run_id and self._policies_use_cost():  # a store read only when a policy looks at cost
             cost_cents = await self._run_cost_cents(req)
-        policy = await self._policy_for(tool, req.tenant)
+        policy = await self.policy_for(tool, req.tenant)
         if isinstance(policy, PolicyError):
             return await self._stop(req, tool, "policy_invalid", f"the policies do not load: {policy}")
         decision = policy.decide(
@@ -451,7 +451,7 @@ class ToolGateway:
             problems = self._check(tool, "input", args)
             if problems:
                 raise InvalidInputError(problems, hint="edit the arguments to match the tool's input schema")
-            policy = await self._policy_for(tool, request.tenant)
+            policy = await self.policy_for(tool, request.tenant)
             if isinstance(policy, PolicyError):
                 raise policy
             decision = policy.decide(
@@ -606,7 +606,7 @@ class ToolGateway:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _policy_for(self, tool: ToolDefinition, tenant: str) -> PolicyEngine | PolicyError:
+    async def policy_for(self, tool: ToolDefinition, tenant: str) -> PolicyEngine | PolicyError:
         """The policy engine with ``tool`` in its schema; rebuilt when the registry grew."""
         if self.policy is not None and self.policy.knows(tool):
             return self.policy

@@ -600,6 +600,14 @@ class SqlStore:
         result: int = await self._committer.submit(fn, row, key="signal")
         return result
 
+    @staticmethod
+    def signal_in(conn: Connection, run_id: str, name: str, payload: Any, now: float) -> int:
+        """Send a signal inside the caller's transaction (atomically with its own writes)."""
+        row = {"run_id": run_id, "name": name, "payload": dumps(payload), "created_at": now}
+        signal_id = int(conn.execute(_INSERT_SIGNAL, row).scalar_one())
+        conn.execute(_WAKE_RUN, {"_id": run_id, "ts": now})
+        return signal_id
+
     async def send_signal_once(self, run_id: str, name: str, payload: Any, now: float) -> int | None:
         row = {"run_id": run_id, "name": name, "payload": dumps(payload), "created_at": now, "once_key": name}
 
