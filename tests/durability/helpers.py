@@ -27,14 +27,19 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Worker:
-    """A worker.py subprocess whose stdout lines can be awaited with a timeout."""
+class LineProc:
+    """A Python script as a subprocess whose stdout lines can be awaited with a timeout.
 
-    def __init__(self, args: list[str], env: dict[str, str], stderr: Path, *, stdin: bool = False) -> None:
+    Shared by the durability workers and the gateway's crash, budget and rate-limit workers.
+    """
+
+    def __init__(
+        self, script: Path | str, args: list[str], env: dict[str, str], stderr: Path, *, stdin: bool = False
+    ) -> None:
         self.stderr_path = stderr
         self._stderr = stderr.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -95,15 +100,42 @@ class Worker:
         err = self.stderr_path.read_text(errors="replace")[-3000:] if self.stderr_path.exists() else ""
         return f"returncode={self.proc.poll()} stdout={self.seen[-5:]} stderr:\n{err}"
 
-    def close(self) -> None:
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
         self._reader.join(timeout=5)
         self._stderr.close()
+
+
+class Worker(LineProc):
+    """A worker.py subprocess."""
+
+    def __init__(self, args: list[str], env: dict[str, str], stderr: Path, *, stdin: bool = False) -> None:
+        super().__init__(WORKER, args, env, stderr, stdin=stdin)
+
+
+class PromptProc(LineProc):
+    """A worker driven line by line: ``expect`` returns the rest of the line after the prefix
+    and ``send`` sends one line."""
+
+    def __init__(self, script: Path | str, args: list[str], env: dict[str, str], stderr: Path) -> None:
+        super().__init__(script, args, env, stderr, stdin=True)
+
+    def expect(self, prefix: str, timeout: float = 30.0) -> str:
+        return super().expect(prefix, timeout)[len(prefix) :].strip()
+
+    def send(self, text: str = "go") -> None:
+        super().send(text + "\n")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return super().wait(timeout)
 
 
 def sync_engine(url: str) -> sa.Engine:

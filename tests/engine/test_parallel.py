@@ -256,6 +256,32 @@ async def test_loop_evaluate_revise_until_pass(engine: EmbeddedEngine) -> None:
     assert impls.CALLS[f"{t}:draft"] == 3
 
 
+async def test_loop_iteration_sees_previous_feedback(engine: EmbeddedEngine) -> None:
+    """Evaluate-and-revise: the writer of iteration n reads the judge's verdict of n-1."""
+    t = tag()
+    body = [
+        tool(
+            "write",
+            "echo",
+            {
+                "tag": t,
+                "feedback": "${{ steps.judge.output.score if loop.iteration > 1 else None }}",
+                "previous": "${{ loop.previous.judge.output.score if loop.previous else None }}",
+            },
+        ),
+        tool("judge", "echo", {"score": "${{ loop.iteration * 40 }}", "ok": "${{ loop.iteration >= 3 }}"}),
+    ]
+    spec = make_spec("loop-feedback", [loop("improve", body, "steps.judge.output.ok")])
+    run = await run_to_end(engine, spec)
+    assert run.status == "completed", run.error
+    steps = await steps_of(engine, run.id)
+    assert steps["improve#1/write"].output["feedback"] is None
+    assert steps["improve#1/write"].output["previous"] is None
+    assert steps["improve#2/write"].output["feedback"] == 40
+    assert steps["improve#3/write"].output["previous"] == 80
+    assert steps["improve"].output["iterations"] == 3
+
+
 async def test_loop_exhausted_fails(engine: EmbeddedEngine) -> None:
     t = tag()
     run = await run_to_end(engine, loop_spec("loop-fail", t, max_iterations=2))

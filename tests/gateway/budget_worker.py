@@ -23,82 +23,12 @@ import asyncio
 import dataclasses
 import json
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
-from typing import IO
 
 from controltower.gateway.budgets import BudgetExceeded, BudgetLedger
 from controltower.gateway.ratelimit import RateLimited, RateLimiter
 from controltower.gateway.tools import RateLimit
 from controltower.store import open_store
-
-
-class Proc:
-    """This script as a subprocess (used by the tests), with stdout lines awaited by prefix."""
-
-    def __init__(self, *args: str, stderr: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("TOWER_FAULT_KILL_IN_COMMIT", "TOWER_DB_URL")}
-        self._stderr_path = stderr
-        self._stderr = stderr.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-            cwd=stderr.parent,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = 30.0) -> str:
-        """The rest of the next stdout line starting with ``prefix``; fails on timeout or exit."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {prefix!r} line within {timeout}s; {self.describe()}") from None
-            if line is None:
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"worker exited before {prefix!r}; {self.describe()}")
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-
-    def send(self, text: str = "go") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def describe(self) -> str:
-        err = self._stderr_path.read_text(errors="replace")[-3000:] if self._stderr_path.exists() else ""
-        return f"returncode={self.proc.poll()} stderr:\n{err}"
-
-    def close(self) -> None:
-        self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-        self._reader.join(timeout=5)
-        self._stderr.close()
 
 
 def say(text: str) -> None:

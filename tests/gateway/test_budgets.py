@@ -26,7 +26,7 @@ from controltower.store import SqlStore, open_store
 from controltower.store import tables as t
 from controltower.store.postgres import normalise_url
 
-from .budget_worker import Proc
+from .procs import Proc
 
 SCOPES = budget_scopes("acme", department="sales", workflow="quotes", run="r1")
 RUN, WORKFLOW, DEPARTMENT, TENANT = SCOPES

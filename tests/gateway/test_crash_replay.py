@@ -29,19 +29,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from tests.durability.helpers import PromptProc
 
 from controltower.engine import EmbeddedEngine
 from controltower.gateway.approvals import ApprovalRequest, Approver
@@ -60,74 +57,11 @@ FINANCE = Approver("fiona", groups=("finance",))
 _NOT_INHERITED = ("TOWER_FAULT_KILL_IN_COMMIT", "TOWER_DB_URL", "GATE_FAULT", crash_impls.HANG_ENV)
 
 
-class Proc:
+class Proc(PromptProc):
     """A gate_worker.py subprocess whose stdout lines can be awaited by prefix."""
 
     def __init__(self, args: list[str], env: dict[str, str], stderr: Path) -> None:
-        self._stderr_path = stderr
-        self._stderr = stderr.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-            cwd=stderr.parent,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = 30.0) -> str:
-        """The rest of the next stdout line starting with ``prefix``; fails on timeout or exit."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {prefix!r} line within {timeout}s; {self.describe()}") from None
-            if line is None:
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"worker exited before {prefix!r}; {self.describe()}")
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker still running after {timeout}s; {self.describe()}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def describe(self) -> str:
-        err = self._stderr_path.read_text(errors="replace")[-3000:] if self._stderr_path.exists() else ""
-        return f"returncode={self.proc.poll()} stdout={self.seen[-5:]} stderr:\n{err}"
-
-    def close(self) -> None:
-        self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-        self._reader.join(timeout=5)
-        self._stderr.close()
+        super().__init__(WORKER, args, env, stderr)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from controltower.engine import EmbeddedEngine
-from controltower.gateway.approvals import Approver
+from controltower.gateway.approvals import Approver, NotAllowedToApprove
 from controltower.gateway.engine_gate import GovernedToolGate
 from controltower.gateway.pipeline import open_gateway
 from controltower.spec.models import WorkflowSpec
@@ -108,6 +108,41 @@ async def test_a_denied_tool_step_fails_with_the_gateway_code(governed: Any) -> 
     assert run.status == "failed"
     assert run.error["code"] == "rejected"
     assert "tone is off" in run.error["message"]
+
+
+async def test_autonomy_approvals_go_to_the_governance_group(governed: Any) -> None:
+    """An approval the autonomy level asks for names the workflow's approval group."""
+    engine, gateway = governed
+    wf = spec(
+        [{"id": "x", "kind": "tool", "tool": "send_reply", "input": {"tag": "g", "ticket": "T"}}],
+        governance={"autonomy": "approve_writes", "approval_group": "support-leads"},
+    )
+    run_id = await engine.start(wf, base_dir=HERE)
+    await engine.wait(run_id, statuses=("waiting",), timeout=10)
+    (request,) = await gateway.approvals.list()
+    assert request.approval_group == "support-leads"
+    with pytest.raises(NotAllowedToApprove):
+        await gateway.decide(request.id, approver=Approver("bob", groups=("finance",)), approve=True)
+    await gateway.decide(request.id, approver=Approver("sam", groups=("support-leads",)), approve=True)
+    await engine.wake(run_id)
+    assert (await engine.wait(run_id, timeout=10)).status == "completed"
+
+
+async def test_spec_tools_work_in_any_tenant(governed: Any) -> None:
+    """A workflow's own tools resolve in the tenant of the run, not only in "default"."""
+    engine, gateway = governed
+    tag = uuid.uuid4().hex
+    wf = spec(
+        [{"id": "find", "kind": "tool", "tool": "lookup", "input": {"tag": tag, "ticket": "T-9"}}],
+        governance={"autonomy": "approve_writes"},
+    )
+    run_id = await engine.start(wf, base_dir=HERE, tenant="acme")
+    run = await engine.wait(run_id, timeout=10)
+    assert run.status == "completed", run.error
+    assert "helpdesk.lookup" in await gateway.registry.names(tenant="acme")
+    records = await gateway.audit.query(tenant="acme")
+    assert [(r.kind, r.outcome) for r in records] == [("tool_call", "executed")]
+    assert await gateway.audit.query(tenant="default") == []
 
 
 async def test_agent_sees_denials_and_waits_for_approval(governed: Any) -> None:

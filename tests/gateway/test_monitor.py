@@ -119,9 +119,19 @@ def test_spend_memory_is_bounded_without_losing_the_sum() -> None:
     rule = SpendRule(SpendConfig(max_cost_micros=10_000_000, window_seconds=3600))
     for i in range(SpendRule.MAX_ENTRIES + 500):
         assert rule.observe(call(cost_micros=1), T0 + i / 1000) is None
-    windows = rule._windows.get(("acme", "refunds"))
-    assert len(windows) <= SpendRule.MAX_ENTRIES
-    assert sum(cost for _, cost in windows) == SpendRule.MAX_ENTRIES + 500
+    spend = rule._windows.get(("acme", "refunds"))
+    assert len(spend.entries) <= SpendRule.MAX_ENTRIES
+    assert sum(cost for _, cost in spend.entries) == SpendRule.MAX_ENTRIES + 500
+    assert spend.total == SpendRule.MAX_ENTRIES + 500  # the running total agrees with the entries
+
+
+def test_spend_running_total_follows_the_window() -> None:
+    """Expired entries leave the running total: the rule fires on what is inside the window only."""
+    rule = SpendRule(SpendConfig(max_cost_micros=1000, window_seconds=10))
+    for i in range(50):  # 600 micros every 20 s: never two inside one 10 s window
+        assert rule.observe(call(cost_micros=600), T0 + 20 * i) is None
+    assert rule._windows.get(("acme", "refunds")).total == 600
+    assert rule.observe(call(cost_micros=401), T0 + 20 * 49 + 5) is not None
 
 
 def test_repeated_denials_fire_per_agent_and_workflow() -> None:

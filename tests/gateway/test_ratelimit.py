@@ -15,7 +15,7 @@ from controltower.spec.errors import InvalidInputError
 from controltower.store import SqlStore, open_store
 from controltower.store import tables as t
 
-from .budget_worker import Proc
+from .procs import Proc
 
 
 class FakeClock:

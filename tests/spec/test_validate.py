@@ -648,3 +648,20 @@ def test_a_wait_step_named_like_the_placeholder_is_still_checked() -> None:
         """
     )
     assert {issue.path for issue in issues} == {"steps[0].bogus", "steps[1].input.x"}
+
+
+def test_agent_as_tool_must_name_a_declared_agent() -> None:
+    text = """\
+name: t
+agents:
+  boss: {kind: llm, offline: "m:f", tools: ["agent:helpr", "agent:boss"]}
+  helper: {kind: python, impl: "m:f"}
+steps:
+  - {id: a, kind: agent, agent: boss}
+"""
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, file="t.yaml")
+    messages = {issue.path: issue for issue in info.value.issues}
+    assert set(messages) == {"agents.boss.tools[0]", "agents.boss.tools[1]"}
+    assert "helper" in (messages["agents.boss.tools[0]"].hint or "")
+    assert "itself" in messages["agents.boss.tools[1]"].message

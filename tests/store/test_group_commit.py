@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 from controltower.store import SqlStore, WorkflowRecord
+from controltower.store import tables as t
 
 from .helpers import fetch, make_step, new_run
 
@@ -89,3 +92,89 @@ async def test_batched_step_saves_consume_signals_at_their_own_time(store: SqlSt
     )
     assert (await store.list_signals(a.id))[0].consumed_at == now + 1
     assert (await store.list_signals(b.id))[0].consumed_at == now + 2
+
+
+# -- relaxed (visible, not yet durable) commits ----------------------------------------------------
+
+
+def _durability(conn: Any) -> str:
+    """How the current transaction will commit: SQLite's synchronous level, PostgreSQL's
+    synchronous_commit (both readable inside a transaction)."""
+    if conn.dialect.name == "sqlite":
+        level = int(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[level]
+    return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar_one())
+
+
+RELAXED = {"sqlite": "NORMAL", "postgresql": "off"}
+DURABLE = {"sqlite": "FULL", "postgresql": "on"}
+
+
+async def test_relaxed_job_commits_without_waiting_for_the_disk(store: SqlStore) -> None:
+    relaxed, durable = RELAXED[store.dialect], DURABLE[store.dialect]
+    before, relaxed_before = store.commits, store.relaxed_commits
+    assert await store.run(_durability, durable=False) == relaxed
+    assert store.relaxed_commits == relaxed_before + 1
+    assert await store.run(_durability) == durable  # switched back for a durable job
+    assert await store.run(_durability, durable=False) == relaxed
+    assert store.commits == before + 3
+    assert store.relaxed_commits == relaxed_before + 2
+
+
+async def test_relaxed_job_batched_with_a_durable_one_commits_durably(store: SqlStore) -> None:
+    relaxed, durable = RELAXED[store.dialect], DURABLE[store.dialect]
+    started, gate = threading.Event(), threading.Event()
+
+    def hold(conn: Any, args: list[Any]) -> list[Any]:
+        started.set()
+        return [gate.wait(5)]
+
+    # hold the store thread (in a relaxed batch of its own) so that the next two are drained together
+    blocker = store._committer.submit(hold, durable=False)
+    assert await asyncio.to_thread(started.wait, 5)
+    relaxed_before, commits_before = store.relaxed_commits, store.commits
+    both = [
+        asyncio.ensure_future(store.run(_durability, durable=False)),
+        asyncio.ensure_future(store.run(_durability)),
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await blocker is True
+    assert await asyncio.gather(*both) == [durable, durable]
+    assert store.commits == commits_before + 2  # the blocker's batch, then one for both
+    assert store.relaxed_commits == relaxed_before + 1  # only the blocker's batch was relaxed
+    # and a batch of relaxed jobs only is relaxed
+    gate.clear()
+    started.clear()
+    blocker = store._committer.submit(hold)
+    assert await asyncio.to_thread(started.wait, 5)
+    pair = [asyncio.ensure_future(store.run(_durability, durable=False)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await blocker
+    assert await asyncio.gather(*pair) == [relaxed, relaxed]
+
+
+async def test_relaxed_commit_is_visible_to_another_store_at_once(store: SqlStore, store_url: str) -> None:
+    from controltower.store import open_store
+
+    run = await new_run(store)
+    other = await open_store(store_url)
+    try:
+        stmt = t.runs.update().where(t.runs.c.id == run.id).values(status="paused")
+        await store.run(lambda conn: conn.execute(stmt), durable=False)
+        assert (await fetch(other, run.id)).status == "paused"
+    finally:
+        await other.close()
+
+
+async def test_nothing_to_relax_when_every_commit_skips_the_fsync(tmp_path: Path) -> None:
+    from controltower.store import open_store
+
+    store = await open_store(f"sqlite:///{tmp_path / 'n.db'}", synchronous="NORMAL")
+    try:
+        assert await store.run(_durability, durable=False) == "NORMAL"
+        assert await store.run(_durability) == "NORMAL"
+        assert store.relaxed_commits == 0
+    finally:
+        await store.close()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from controltower.engine import EmbeddedEngine
 from controltower.observability import compute_kpis
+from controltower.spec.errors import InvalidInputError
 from controltower.store import TERMINAL, RunRecord
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -25,10 +28,15 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
 
     folder = TEMPLATES / "support_triage"
     spec = load_spec_file(folder / "workflow.yaml")
-    tickets: list[dict[str, Any]] = json.loads((folder / "tickets.json").read_text())[:count]
+    tickets = load_tickets(folder, count)
     tickets.append(dict(tickets[0]))  # a duplicate delivery: the idempotency key dedupes it
     session = time.strftime("%Y%m%d%H%M%S")
-    engine = await EmbeddedEngine.open(db)
+    # each demo gets its own sandbox helpdesk, so a second demo does not find the first one's
+    # replies (and call every ticket a duplicate)
+    engine = await EmbeddedEngine.open(db)  # before TOWER_HOME changes: it picks the default store
+    home = os.environ.get("TOWER_HOME")
+    sandbox = Path(home or ".tower") / "demo" / session
+    os.environ["TOWER_HOME"] = str(sandbox)
     try:
         from controltower.gateway.engine_gate import GovernedToolGate
         from controltower.gateway.pipeline import open_gateway
@@ -43,14 +51,28 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
             "[dim]Every tool call passes the governed gateway "
             f"(Cedar policies in {folder / 'policies'}).[/dim]"
         )
-        out.print("[dim]No model configured: the agents are rule-based and heuristic (offline mode).[/dim]")
+        if os.environ.get("TOWER_MODEL"):
+            out.print(f"[dim]Model {escape(os.environ['TOWER_MODEL'])}: the llm agents call it.[/dim]")
+        else:
+            out.print(
+                "[dim]No model configured: the llm agents run their offline heuristics "
+                "(set TOWER_MODEL to use a model).[/dim]"
+            )
         started = time.monotonic()
-        ids = await asyncio.gather(
-            *[
-                engine.start(spec, t, idempotency_key=f"demo-{session}:{t['id']}", base_dir=str(folder))
-                for t in tickets
-            ]
-        )
+        refused: list[str] = []
+
+        async def start(ticket: dict[str, Any]) -> str | None:
+            try:
+                key = f"demo-{session}:{ticket['id']}"
+                return await engine.start(spec, ticket, idempotency_key=key, base_dir=str(folder))
+            except InvalidInputError as exc:
+                refused.append(f"{ticket['id']}: {exc.message}")
+                return None
+
+        started_ids = await asyncio.gather(*[start(t) for t in tickets])
+        ids = [i for i in started_ids if i is not None]
+        for line in refused:
+            out.print(f"[yellow]refused at intake[/yellow] {escape(line)}")
         unique = list(dict.fromkeys(ids))
         if len(unique) < len(ids):
             out.print(
@@ -70,7 +92,7 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
                 await asyncio.gather(*[_auto_decide(engine, r) for r in waiting])
                 runs = await _progress(engine, unique, TERMINAL, "resuming", out)
         elapsed = time.monotonic() - started
-        summary = _summary(spec, runs, elapsed, out)
+        summary = _summary(spec, runs, elapsed, out, refused=len(refused))
         stats = gateway.metrics.snapshot()
         calls = sum(sum(s["calls"].values()) for s in stats.values())
         stopped = sum(n for s in stats.values() for status, n in s["calls"].items() if status != "ok")
@@ -82,9 +104,14 @@ async def run_demo(db: str | None, count: int, out: Console, *, decide: bool = T
         )
         summary["governed_calls"] = calls
         summary["audit_ok"] = chain.ok
+        _next_steps(out, unique[0] if unique else None, folder, sandbox)
         return summary
     finally:
         await engine.close()
+        if home is None:
+            os.environ.pop("TOWER_HOME", None)
+        else:
+            os.environ["TOWER_HOME"] = home
 
 
 async def _progress(
@@ -111,20 +138,56 @@ async def _auto_decide(engine: EmbeddedEngine, run: RunRecord) -> None:
     await engine.decide(run.id, "human_review", approved=approved, by=AUTO_APPROVER, comment=comment)
 
 
-def _summary(spec: Any, runs: list[RunRecord], elapsed: float, out: Console) -> dict[str, Any]:
+def load_tickets(folder: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` seeded tickets, without the eval annotations (keys starting with _)."""
+    raw: list[dict[str, Any]] = json.loads((folder / "data" / "tickets.json").read_text(encoding="utf-8"))
+    return [{k: v for k, v in t.items() if not k.startswith("_")} for t in raw[:count]]
+
+
+def _next_steps(out: Console, run_id: str | None, folder: Path, sandbox: Path) -> None:
+    out.print("\n[bold]Where to look next[/bold]")
+    out.print("  tower runs                     every run of the demo, newest first")
+    if run_id:
+        out.print(f"  tower show {run_id}   the timeline of one ticket")
+    out.print("  tower approvals                approvals waiting for a human (none left: all decided)")
+    out.print("  tower audit list               the hash-chained record of every tool call")
+    out.print(f"  sqlite3 {sandbox / 'sandbox' / 'helpdesk.sqlite'} 'select * from replies'")
+    out.print("                                 the sandbox helpdesk: replies, escalations, duplicates")
+    out.print(f"  tower eval {folder}")
+    out.print(
+        "                                 the eval suite: every seeded ticket against its expected outcome"
+    )
+    out.print("  tower init --template support_triage my-support   start your own from this template")
+    out.print("  tower serve                    the HTTP API and the dashboard at /ui")
+
+
+def _summary(
+    spec: Any, runs: list[RunRecord], elapsed: float, out: Console, *, refused: int = 0
+) -> dict[str, Any]:
     actions: dict[str, int] = {}
     for r in runs:
         action = (r.output or {}).get("action", r.status) if r.status == "completed" else r.status
         actions[action] = actions.get(action, 0) + 1
     cycle = [(r.finished_at or r.updated_at) - r.created_at for r in runs if r.finished_at]
     table = Table("measure", "value", title="Support triage: results")
-    table.add_row("tickets", str(len(runs)))
-    for action in ("auto_sent", "sent_after_review", "escalated", "failed", "waiting"):
+    table.add_row("tickets", str(len(runs) + refused))
+    automated = actions.get("auto_sent", 0) + actions.get("duplicate", 0)
+    table.add_row("  automated (no human)", str(automated))
+    table.add_row(
+        "  with a human (review or escalation)",
+        str(actions.get("sent_after_review", 0) + actions.get("escalated", 0)),
+    )
+    if refused:
+        table.add_row("  refused at intake (invalid input)", str(refused))
+    for action in ("auto_sent", "duplicate", "sent_after_review", "escalated", "failed", "waiting"):
         if actions.get(action):
             table.add_row(f"  {action.replace('_', ' ')}", str(actions[action]))
     if cycle:
         table.add_row("mean cycle time (incl. approvals)", f"{sum(cycle) / len(cycle):.2f} s")
-    table.add_row("model cost", "$0.00 (offline agents)")
+    if os.environ.get("TOWER_MODEL"):
+        table.add_row("model cost", "charged to the budget ledger (see tower audit list)")
+    else:
+        table.add_row("model cost", "$0.00 (offline agents, no model configured)")
     kpis = compute_kpis(spec, runs)
     saved = 0.0
     for k in kpis:
@@ -136,7 +199,6 @@ def _summary(spec: Any, runs: list[RunRecord], elapsed: float, out: Console) -> 
         table.add_row("estimated agent time saved", f"{saved:.0f} min ({saved / 60:.1f} h)")
     table.add_row("wall time", f"{elapsed:.1f} s")
     out.print(table)
-    out.print("Next: [bold]tower runs[/bold] to list runs, [bold]tower show RUN[/bold] for a timeline.")
     return {"actions": actions, "kpis": {k.name: k.value for k in kpis}, "saved_minutes": saved}
 
 

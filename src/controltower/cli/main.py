@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -19,6 +19,9 @@ from controltower.cli import render
 from controltower.engine import EmbeddedEngine
 from controltower.spec.errors import InvalidInputError, SpecError, TowerError
 from controltower.store import TERMINAL, RunFilter
+
+if TYPE_CHECKING:
+    from controltower.notify import Notifier
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -86,9 +89,29 @@ async def with_engine(
 
             gateway = await open_gateway(engine.store, policy_texts=texts, env=ctx.obj["env"])
             engine.tool_gate = GovernedToolGate(gateway)
-        return await body(engine)
+        notifier = _notifier(engine)
+        try:
+            return await body(engine)
+        finally:
+            if notifier is not None:
+                # a short wait for this command's notifications; what is undelivered stays in the
+                # outbox for the next worker or server
+                await notifier.flush(5)
+                await notifier.aclose()
     finally:
         await engine.close()
+
+
+def _notifier(engine: EmbeddedEngine) -> Notifier | None:
+    """With TOWER_NOTIFY_* / TOWER_SMTP_* set, approval requests (steps and governed calls),
+    escalations and failures notify from every command, not only from `tower serve`."""
+    from controltower.notify import Notifier
+
+    notifier = Notifier.from_env(store=engine.store)
+    if notifier is not None:
+        notifier.attach(engine=engine, gateway=getattr(engine.tool_gate, "gateway", None))
+        notifier.start()
+    return notifier
 
 
 async def gather_policies(
@@ -427,6 +450,7 @@ async def worker(ctx: click.Context, once: bool) -> None:
     """Execute runs from the store: new, woken by signals or timers, or orphaned by a crash."""
 
     async def body(engine: EmbeddedEngine) -> None:
+        # notifications (TOWER_NOTIFY_* / TOWER_SMTP_*) are attached by with_engine
         if once:
             count = await engine.recover()
             await engine.drain()
@@ -456,6 +480,42 @@ def _register_governance() -> None:
 
 
 _register_governance()
+
+
+def _register_server() -> None:
+    from controltower.cli.server import register
+
+    register(cli)
+
+
+_register_server()
+
+
+def _register_evals() -> None:
+    from controltower.cli.evals import register
+
+    register(cli)
+
+
+_register_evals()
+
+
+def _register_memory() -> None:
+    from controltower.cli.memory import register
+
+    register(cli)
+
+
+_register_memory()
+
+
+def _register_triggers() -> None:
+    from controltower.cli.triggers import register
+
+    register(cli)
+
+
+_register_triggers()
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.markup import escape as _escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -72,14 +73,22 @@ def workflows_table(records: Iterable[WorkflowRecord]) -> Table:
 
 
 def runs_table(records: Iterable[RunRecord]) -> Table:
-    table = Table("run", "workflow", "status", "started", "duration", "waiting on / error", title="Runs")
+    table = Table(title="Runs", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # the id is what users copy into `tower show`: never truncate it, let the notes wrap instead
+    table.add_column("run", no_wrap=True, min_width=30)
+    table.add_column("workflow", min_width=16, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("started", no_wrap=True)
+    table.add_column("duration", no_wrap=True)
+    table.add_column("waiting on / error", overflow="fold")
+    today = time.strftime("%Y-%m-%d")
     for r in records:
         note = r.waiting_on or ((r.error or {}).get("message") or "")
         table.add_row(
             r.id,
             f"{r.workflow}@{r.version}",
             status(r.status),
-            when(r.created_at),
+            when(r.created_at).removeprefix(today + " "),  # today's runs: the time is enough
             duration(r.created_at, r.finished_at),
             escape(brief(note, 50) if not isinstance(note, str) else note[:50]),
         )

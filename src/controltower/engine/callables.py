@@ -19,6 +19,35 @@ from controltower.engine.context import StepContext
 from controltower.spec.errors import StepFailure, TowerError
 
 
+class RefNotFound(Exception):
+    """``module:attr`` could not be loaded; ``import_error`` is set when the import itself failed."""
+
+    def __init__(self, module_name: str, attr: str, import_error: str | None) -> None:
+        super().__init__(f"{module_name}:{attr}")
+        self.module_name = module_name
+        self.attr = attr
+        self.import_error = import_error
+
+
+def load_ref(module_name: str, attr: str, base_dir: str | None = None) -> Any:
+    """Import ``module_name`` (``base_dir`` first on ``sys.path``) and follow the dotted ``attr``.
+
+    Shared by step implementations and python tools; each turns :class:`RefNotFound` into its
+    own typed error.
+    """
+    if base_dir and base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RefNotFound(module_name, attr, str(exc)) from None
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise RefNotFound(module_name, attr, None)
+    return target
+
+
 class ImplNotFoundError(TowerError):
     code = "impl_not_found"
 
@@ -78,20 +107,15 @@ def resolve(impl: str, base_dir: str | None = None) -> Callable_:
             raise ImplNotFoundError(f"no built-in {attr!r}", hint=f"built-ins: {', '.join(sorted(BUILTINS))}")
         found = Callable_(builtin, True, False)
     else:
-        if base_dir and base_dir not in sys.path:
-            sys.path.insert(0, base_dir)
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
+            fn = load_ref(module_name, attr, base_dir)
+        except RefNotFound as exc:
+            if exc.import_error is None:
+                raise ImplNotFoundError(f"{module_name!r} has no attribute {attr!r}") from None
             raise ImplNotFoundError(
-                f"cannot import {module_name!r} for {impl!r}: {exc}",
+                f"cannot import {module_name!r} for {impl!r}: {exc.import_error}",
                 hint="check the module path; it is resolved from the workflow's directory",
             ) from None
-        fn: Any = module
-        for part in attr.split("."):
-            fn = getattr(fn, part, None)
-            if fn is None:
-                raise ImplNotFoundError(f"{module_name!r} has no attribute {attr!r}")
         if not callable(fn):
             raise ImplNotFoundError(f"{impl!r} is not callable")
         found = _describe(fn)

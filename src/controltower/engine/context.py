@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from controltower.memory.store import MemoryView
     from controltower.spec.models import WorkflowSpec
     from controltower.store.base import WorkflowRecord
+    from controltower.store.sql import SqlStore
 
 
 @dataclass(slots=True)
@@ -32,11 +34,38 @@ class StepContext:
     gate: ToolGate | None = field(default=None, repr=False)
     spec: WorkflowSpec | None = field(default=None, repr=False)
     workflow_version: int | None = None
+    store: SqlStore | None = field(default=None, repr=False)  # model calls are recorded here
     _calls: int = 0
+    _reads: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _memory: MemoryView | None = field(default=None, repr=False)
 
     @property
     def idempotency_key(self) -> str:
         return f"{self.run_id}:{self.step_key}"
+
+    @property
+    def memory(self) -> MemoryView:
+        """Long-term memory of this run's tenant and workflow; its reads are recorded as provenance."""
+        if self._memory is None:
+            from controltower.memory.binding import view_for
+
+            self._memory = view_for(self)
+        return self._memory
+
+    def record_read(self, source: str, ref: str, digest: str | None = None, note: str | None = None) -> None:
+        """Note what this step read (a record, a document): every tool call the step makes
+        afterwards carries the list as ``data_read``, for the approver and the audit trail."""
+        item = {"source": source, "ref": ref}
+        if digest is not None:
+            item["digest"] = digest
+        if note is not None:
+            item["note"] = note
+        if item not in self._reads:
+            self._reads.append(item)
+
+    @property
+    def reads(self) -> list[dict[str, Any]]:
+        return list(self._reads)
 
     async def call_tool(
         self, tool: str, args: dict[str, Any] | None = None, **proposal: Any
@@ -53,6 +82,9 @@ class StepContext:
             raise RuntimeError("no tool gateway is configured for this engine")
         index = self._calls
         self._calls += 1
+        if self._reads:
+            given = list(proposal.get("data_read") or [])
+            proposal["data_read"] = given + [r for r in self._reads if r not in given]
         call = ToolInvocation(
             tool=tool,
             args=args or {},

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from controltower.engine.context import Parked, RunCancelled, StepFailed, ToolGate
-from controltower.engine.interpreter import Interpreter
+from controltower.engine.interpreter import Interpreter, StepApproval
 from controltower.engine.payloads import check_schema
+from controltower.memory import Memory, bind_memory
 from controltower.spec.errors import (
     ConflictError,
     InvalidInputError,
@@ -61,6 +63,7 @@ class EmbeddedEngine:
     ) -> None:
         self.store = store
         self.tool_gate = tool_gate
+        self.memory = Memory(store)  # what steps reach as ctx.memory
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{new_id('eng')[-6:]}"
         self.lease = lease
         self.poll_interval = poll_interval
@@ -76,6 +79,10 @@ class EmbeddedEngine:
         self._spawns_children: dict[tuple[str, int], bool] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
+        # called with the finished record when a run fails (notifications); errors are logged only
+        self.failure_hooks: list[Callable[[RunRecord], Awaitable[None]]] = []
+        # called once per approval step that starts waiting (or is escalated), after the run parks
+        self.approval_hooks: list[Callable[[RunRecord, StepApproval], Awaitable[None]]] = []
 
     @classmethod
     async def open(
@@ -382,6 +389,7 @@ class EmbeddedEngine:
 
     async def _drive(self, run_id: str, run: RunRecord | None, fresh: bool) -> None:
         parked = False
+        bind_memory(self.memory)  # this task's context only
         try:
             signals = None
             if not fresh:
@@ -405,6 +413,7 @@ class EmbeddedEngine:
             except Parked as exc:
                 parked = True
                 await self._park(run, exc)
+                await self._approvals_waiting(run, interp.approvals)
             except StepFailed as exc:
                 compensation = await interp.compensate()
                 error = dict(exc.error)
@@ -471,6 +480,14 @@ class EmbeddedEngine:
         if wake_at is not None:
             self._schedule(run.id, wake_at)
 
+    async def _approvals_waiting(self, run: RunRecord, approvals: list[StepApproval]) -> None:
+        for approval in approvals:
+            for hook in self.approval_hooks:
+                try:
+                    await hook(run, approval)
+                except Exception:
+                    log.exception("approval hook failed for %s %s", run.id, approval.step_key)
+
     def _schedule(self, run_id: str, when: float) -> None:
         old = self._timers.pop(run_id, None)
         if old is not None:
@@ -502,6 +519,12 @@ class EmbeddedEngine:
         if not finished:
             raise LeaseLostError(f"run {run.id} is no longer ours to finish; another engine took it over")
         self._notify(run.id)
+        if status == "failed":
+            for hook in self.failure_hooks:
+                try:
+                    await hook(dataclasses.replace(run, status=status, error=error, finished_at=now))
+                except Exception:
+                    log.exception("run failure hook failed for %s", run.id)
         await self._cancel_children(run, status)
         if run.parent_run_id and run.parent_step_key:
             data = {"run_id": run.id, "status": status}

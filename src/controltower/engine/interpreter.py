@@ -53,6 +53,20 @@ NO_RETRY = RetryPolicy()
 _NOT_RETRYABLE = (ImplNotFoundError, ExpressionError)
 
 
+@dataclass(frozen=True, slots=True)
+class StepApproval:
+    """An approval step that just started waiting (``requested``) or was escalated: for notifiers."""
+
+    event: str  # requested | escalated
+    step_key: str
+    step_id: str
+    title: str
+    prompt: str
+    group: str | None  # who may decide; None: any operator
+    due_at: float | None
+    requested_at: float
+
+
 @dataclass(slots=True)
 class Scope:
     """Names visible to expressions at one nesting level; keys of steps inside it."""
@@ -98,6 +112,7 @@ class Interpreter:
         self._signals = signals
         self._taken: set[int] = set()
         self._run_names = {"id": run.id, "workflow": run.workflow, "version": run.version}
+        self.approvals: list[StepApproval] = []  # new this pass, never replayed: the engine's hooks
 
     # -- entry points ----------------------------------------------------------
 
@@ -258,6 +273,7 @@ class Interpreter:
                 gate=self.engine.tool_gate,
                 spec=self.spec,
                 workflow_version=self.run.version,
+                store=self.store,
             )
             try:
                 async with limiter:
@@ -341,11 +357,17 @@ class Interpreter:
         passed = False
         iteration = 0
         inner: dict[str, Any] = {}
+        previous: dict[str, dict[str, Any]] = {}
         for iteration in range(1, step.max_iterations + 1):
+            # evaluate-and-revise: an iteration sees the previous one's results, both as
+            # `loop.previous.<step>.output` and as `steps.<step>.output` until it reruns that step
             iscope = scope.child(
-                f"{key}#{iteration}/", loop={"iteration": iteration, "max": step.max_iterations}
+                f"{key}#{iteration}/",
+                loop={"iteration": iteration, "max": step.max_iterations, "previous": previous or None},
             )
+            iscope.outputs.update(previous)
             last = await self.run_list(step.body, iscope)
+            previous = dict(iscope.outputs)
             inner = {sid: value["output"] for sid, value in iscope.outputs.items()}
             if self._eval(step.until, self._names(iscope), key):
                 passed = True
@@ -522,6 +544,8 @@ class Interpreter:
             shown = self._input(step, scope, key) if step.input is not None else None
             detail = {"prompt": step.prompt, "group": step.group}
             rec = await self._save(key, step, "approval", "waiting", time.time(), shown, None, detail=detail)
+            due = rec.started_at + step.sla if step.sla is not None else None
+            self._approval_event("requested", step, rec, step.group, due)
         if decision is not None:
             data = decision.payload if isinstance(decision.payload, dict) else {}
             output = {
@@ -560,6 +584,7 @@ class Interpreter:
                 await self._save(
                     key, step, "approval", "waiting", rec.started_at, rec.input, None, detail=escalated
                 )
+                self._approval_event("escalated", step, rec, step.escalate_to, None)
                 deadline = None
             else:
                 timed_out = {
@@ -588,6 +613,14 @@ class Interpreter:
                 )
                 raise StepFailed(key, error)
         raise Parked([WaitInfo(key, "approval", f"approval:{key}", deadline)])
+
+    def _approval_event(
+        self, event: str, step: ApprovalStep, rec: StepRecord, group: str | None, due: float | None
+    ) -> None:
+        title = step.title or step.id
+        self.approvals.append(
+            StepApproval(event, rec.step_key, step.id, title, step.prompt, group, due, rec.started_at)
+        )
 
     async def _wait(self, step: WaitStep, key: str) -> Any:
         rec = self.records.get(key)

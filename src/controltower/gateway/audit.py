@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controltower.gateway.secrets import Redactor, default_redactor
 from controltower.spec.errors import InvalidInputError
 from controltower.store import tables as t
-from controltower.store.sql import SqlStore, dumps
+from controltower.store.sql import RawSql, SqlStore, dumps
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,27 @@ class VerifyResult:
 
 def _canonical(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _canonical_parts(row: Mapping[str, Any], data_text: str) -> tuple[str, str, str]:
+    """The canonical text of a record around its ``prev_hash`` and ``seq``, which only the store
+    thread knows: ``head + json(prev_hash) + middle + str(seq) + end`` is exactly
+    ``_canonical(doc)`` of :func:`compute_hash` (keys in sorted order, ``data`` already canonical)."""
+
+    def j(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    head = (
+        f'{{"actor":{j(row["actor"])},"data":{data_text},"inputs_digest":{j(row["inputs_digest"])},'
+        f'"kind":{j(row["kind"])},"outcome":{j(row["outcome"])},"prev_hash":'
+    )
+    middle = f',"reason":{j(row["reason"])},"run_id":{j(row["run_id"])},"seq":'
+    ts = f"{float(row['ts']):.6f}"
+    end = (
+        f',"subject":{j(row["subject"])},"tenant":{j(row["tenant"])},"ts":"{ts}","v":1,'
+        f'"workflow":{j(row["workflow"])}}}'
+    )
+    return head, middle, end
 
 
 def compute_hash(fields: Mapping[str, Any]) -> str:
@@ -184,9 +205,19 @@ class AuditLog:
     def append_in(self, conn: sa.Connection, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         """Append inside a ``store.run`` job of the caller, atomically with its other writes.
 
-        Call :meth:`publish` with the result once ``store.run`` has returned.
+        Call :meth:`publish` with the result once ``store.run`` has returned. Prefer
+        :meth:`prepare` before ``store.run`` and :meth:`append_prepared_in` inside it: the
+        redaction and serialisation then stay off the store thread.
         """
         return self._write(conn, [self._prepare(event) for event in events])
+
+    def prepare(self, events: Sequence[AuditEvent]) -> list[dict[str, Any]]:
+        """Redact, serialise and pre-hash ``events`` (anywhere: it touches no database)."""
+        return [self._prepare(event) for event in events]
+
+    def append_prepared_in(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[AuditRecord]:
+        """Chain and insert rows from :meth:`prepare` inside the caller's transaction."""
+        return self._write(conn, rows)
 
     def _prepare(self, event: AuditEvent) -> dict[str, Any]:
         """Redact and normalise before hashing: what is hashed is exactly what is stored."""
@@ -206,6 +237,7 @@ class AuditLog:
         row.update(ts=round(ts, 6), data=json.loads(text), _text=text)
         if event.reason is not None:
             row["reason"] = self.redactor.redact_text(event.reason)
+        row["_canon"] = _canonical_parts(row, text)
         return row
 
     async def _flush(self) -> None:
@@ -251,19 +283,23 @@ class AuditLog:
             return []
         if conn.dialect.name == "postgresql":
             # read committed: the tail query below, run after the lock, sees every committed append
-            conn.execute(_PG_LOCK)
-        tail = conn.execute(_TAIL).first()
+            _PG_LOCK_RAW(conn).close()
+        cursor = _TAIL_RAW(conn)
+        tail = cursor.fetchone()
+        cursor.close()
         seq, prev = (int(tail[0]), str(tail[1])) if tail is not None else (0, GENESIS)
         inserts: list[dict[str, Any]] = []
         records: list[AuditRecord] = []
         for row in rows:
             seq += 1
-            fields = {k: v for k, v in row.items() if k != "_text"}
+            fields = {k: v for k, v in row.items() if k[0] != "_"}
             fields.update(seq=seq, prev_hash=prev)
-            prev = compute_hash(fields)
+            head, middle, end = row.get("_canon") or _canonical_parts(row, row["_text"])
+            text = f'{head}"{prev}"{middle}{seq}{end}'
+            prev = hashlib.sha256(text.encode("utf-8")).hexdigest()
             inserts.append({**fields, "data": row["_text"], "hash": prev})
             records.append(AuditRecord.model_construct(**fields, hash=prev))
-        conn.execute(t.audit.insert(), inserts)
+        _INSERT_RAW.many(conn, inserts)
         return records
 
     async def query(
@@ -361,9 +397,13 @@ def _settle(future: asyncio.Future[list[AuditRecord]], value: list[AuditRecord] 
         future.set_result(value)
 
 
-_TAIL = sa.select(t.audit.c.seq, t.audit.c.hash).order_by(t.audit.c.seq.desc()).limit(1)
-_PG_LOCK = sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(current_schema()::text))").bindparams(
-    cls=0x41554454  # "AUDT"; the second key is the schema, so stores in separate schemas do not contend
+# the per-append statements, on the driver's cursor (see RawSql)
+_TAIL_RAW = RawSql("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+# "AUDT"; the second key is the schema, so stores in separate schemas do not contend
+_PG_LOCK_RAW = RawSql(f"SELECT pg_advisory_xact_lock({0x41554454}, hashtext(CAST(current_schema() AS TEXT)))")
+_COLUMNS = ("seq", *CONTENT_FIELDS, "prev_hash", "hash")
+_INSERT_RAW = RawSql(
+    f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES ({', '.join(':' + c for c in _COLUMNS)})"
 )
 _EQUALS = ("tenant", "run_id", "kind", "actor", "workflow")
 

@@ -41,11 +41,12 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from controltower.gateway.ratelimit import BUDGET_LOCK_CLASS, PG_LOCK, run_retrying
+from controltower.gateway.ratelimit import BUDGET_LOCK_CLASS, run_retrying
 from controltower.spec.errors import ConflictError, InvalidInputError, NotFoundError, TowerError
 from controltower.spec.models import BudgetSpec
 from controltower.store import SqlStore
 from controltower.store import tables as t
+from controltower.store.sql import RawSql
 
 UNITS: tuple[str, ...] = ("micros", "tokens")
 _SCOPE = re.compile(r"^(tenant|department|workflow|run):\S.{0,290}$")
@@ -134,7 +135,6 @@ class BudgetLedger:
         self._clock = clock
         self._pg = store.dialect == "postgresql"
         self._insert: Callable[[sa.Table], Any] = store.insert
-        self._claim = _claim_statement(store.insert)
 
     # -- caps and usage ------------------------------------------------------
 
@@ -205,49 +205,88 @@ class BudgetLedger:
         returned (``replayed=True``) and nothing is charged. A released key is reserved again.
         Scopes without a budget row are created as track-only (no cap).
         """
-        wanted = _scopes(tenant, scopes, unit)
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise InvalidInputError(f"budget amount must be a whole number >= 0, got {amount!r}")
-        if not key or len(key) > 600:
-            raise InvalidInputError("reservation key must be 1 to 600 characters (run, step and call)")
-        order = sorted(set(wanted))  # the same lock order for every transaction
-        params = {"t": tenant, "u": unit, "scopes": order, "n": amount}
+        wanted = self.check_reservation(key, tenant, scopes, unit, amount)
 
         def fn(conn: Connection) -> Reservation | BudgetExceeded:
-            now = self._clock()
-            self._lock(conn, tenant)
-            fresh = Reservation(key, tenant, tuple(wanted), unit, amount, "reserved", None, now, None)
-            for _ in range(2):
-                previous = None
-                if conn.execute(self._claim, _row(fresh)).first() is None:  # the key exists
-                    previous = _load(conn, key)
-                    if previous is None:
-                        raise ConflictError(f"reservation {key!r} was purged concurrently", hint="retry")
-                    _same(previous, tenant, unit, wanted)
-                    if previous.status != "released":
-                        return replace(previous, replayed=True)
-                    if conn.execute(_REWRITE, _rewrite("released", fresh)).rowcount != 1:
-                        raise ConflictError(f"reservation {key!r} changed concurrently", hint="retry")
-                charged = [row[0] for row in conn.execute(_CHARGE, {**params, "now": now})]
-                if len(charged) == len(order):
-                    return fresh
-                # undo this attempt exactly: the rows stay locked by this transaction
-                if charged:
-                    conn.execute(_UNCHARGE, {**params, "scopes": charged, "now": now})
-                if previous is None:
-                    conn.execute(_DELETE_RES, {"b_key": key})
-                else:
-                    conn.execute(_REWRITE, _rewrite("reserved", previous))
-                exceeded, missing = _diagnose(conn, tenant, unit, wanted, amount)
-                if exceeded is not None:
-                    return exceeded
-                self._add_rows(conn, tenant, unit, missing, now)  # track-only; then again
-            raise ConflictError("budgets changed while reserving", hint="retry the reservation")
+            return self.reserve_in(conn, key, tenant, wanted, unit, amount)
 
         result = await run_retrying(self._store, fn)
         if isinstance(result, BudgetExceeded):
             raise result
         return result
+
+    def check_reservation(
+        self, key: str, tenant: str, scopes: Sequence[str], unit: str, amount: int
+    ) -> list[str]:
+        """Validate a reservation's arguments (off the store thread); the scopes, deduplicated."""
+        wanted = _scopes(tenant, scopes, unit)
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise InvalidInputError(f"budget amount must be a whole number >= 0, got {amount!r}")
+        if not key or len(key) > 600:
+            raise InvalidInputError("reservation key must be 1 to 600 characters (run, step and call)")
+        return wanted
+
+    def reserve_in(
+        self, conn: Connection, key: str, tenant: str, wanted: list[str], unit: str, amount: int
+    ) -> Reservation | BudgetExceeded:
+        """:meth:`reserve` inside the caller's transaction, with scopes from :meth:`check_reservation`.
+
+        Returns :class:`BudgetExceeded` instead of raising it, having undone its own charges, so
+        the caller's other writes in the transaction still commit.
+        """
+        order = sorted(set(wanted))  # the same lock order for every transaction
+        params: dict[str, Any] = {"t": tenant, "u": unit, "n": amount}
+        params.update(_scope_params(order))
+        now = self._clock()
+        self._lock(conn, tenant)
+        fresh = Reservation(key, tenant, tuple(wanted), unit, amount, "reserved", None, now, None)
+        for _ in range(2):
+            previous = None
+            claimed = _CLAIM(conn, _row(fresh))
+            inserted = claimed.fetchone() is not None
+            claimed.close()
+            if not inserted:  # the key exists
+                previous = _load(conn, key)
+                if previous is None:
+                    raise ConflictError(f"reservation {key!r} was purged concurrently", hint="retry")
+                _same(previous, tenant, unit, wanted)
+                if previous.status != "released":
+                    return replace(previous, replayed=True)
+                if conn.execute(_REWRITE, _rewrite("released", fresh)).rowcount != 1:
+                    raise ConflictError(f"reservation {key!r} changed concurrently", hint="retry")
+            cursor = _charge(len(order))(conn, {**params, "now": now})
+            charged = [row[0] for row in cursor.fetchall()]
+            cursor.close()
+            if len(charged) == len(order):
+                return fresh
+            # undo this attempt exactly: the rows stay locked by this transaction
+            undo = {"t": tenant, "u": unit, "scopes": charged, "n": amount, "now": now}
+            if charged:
+                conn.execute(_UNCHARGE, undo)
+            if previous is None:
+                conn.execute(_DELETE_RES, {"b_key": key})
+            else:
+                conn.execute(_REWRITE, _rewrite("reserved", previous))
+            exceeded, missing = _diagnose(conn, tenant, unit, wanted, amount)
+            if exceeded is not None:
+                return exceeded
+            self._add_rows(conn, tenant, unit, missing, now)  # track-only; then again
+        raise ConflictError("budgets changed while reserving", hint="retry the reservation")
+
+    def settled_now(self, key: str) -> bool | None:
+        """Whether :meth:`commit` of ``key`` would change nothing (committed, or no reservation),
+        read on this thread (SQLite, see ``SqlStore.read_now``); None: ask the store thread."""
+
+        def fn(db: Any) -> bool:
+            cursor = db.execute(_RES_STATUS.text, {"key": key})
+            try:
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            return row is None or row[0] == "committed"
+
+        found = self._store.read_now(fn)
+        return None if found is None else found[0]
 
     def commit_in(self, conn: Connection, key: str, actual: int) -> Reservation | NotFoundError:
         """:meth:`commit` inside the caller's transaction (e.g. with the call's result and audit)."""
@@ -351,9 +390,15 @@ class BudgetLedger:
 
     # -- inside the transaction ----------------------------------------------
 
+    def lock_in(self, conn: Connection, tenant: str) -> None:
+        """Take the tenant's budget lock now (PostgreSQL; a no-op on SQLite, whose writers are
+        serialised). A transaction that also locks other rows (a tool call's) takes this first,
+        so that every such transaction locks in the same order: budgets, then the rows."""
+        self._lock(conn, tenant)
+
     def _lock(self, conn: Connection, tenant: str) -> None:
         if self._pg:
-            conn.execute(PG_LOCK, {"cls": BUDGET_LOCK_CLASS, "key": tenant})
+            _PG_TENANT_LOCK(conn, {"cls": BUDGET_LOCK_CLASS, "key": tenant}).close()
 
     def _transition(
         self,
@@ -369,20 +414,28 @@ class BudgetLedger:
         its tenant; None if it is not in status ``old`` (or not made before ``cutoff``)."""
         values = {"b_key": key, "old": old, "b_status": new, "b_actual": actual, "now": self._clock()}
         if cutoff is None:
-            row = conn.execute(_TRANSITION, values).first()
+            cursor = _TRANSITION_RAW(conn, values)
+            found = cursor.fetchone()
+            cursor.close()
+            if found is None:
+                return None
+            res = _reservation_from(found)
         else:
             row = conn.execute(_EXPIRE, {**values, "cutoff": cutoff}).first()
-        if row is None:
-            return None
-        res = _reservation(row)
+            if row is None:
+                return None
+            res = _reservation(row)
         self._lock(conn, res.tenant)
         return res
 
     def _move(self, conn: Connection, res: Reservation, held: int, charge: int | None) -> None:
         """Take ``held`` off ``reserved``, add ``charge`` to ``used``, on every scope."""
         scopes = sorted(set(res.scopes))
-        values = {"t": res.tenant, "u": res.unit, "scopes": scopes, "held": held, "charge": charge or 0}
-        changed = conn.execute(_SETTLE, {**values, "now": self._clock()}).rowcount
+        values: dict[str, Any] = {"t": res.tenant, "u": res.unit, "held": held, "charge": charge or 0}
+        values.update(_scope_params(scopes), now=self._clock())
+        cursor = _settle(len(scopes))(conn, values)
+        changed = cursor.rowcount
+        cursor.close()
         if changed != len(scopes):  # budget rows deleted by hand: refuse rather than lose money
             raise ConflictError(
                 f"budget rows of reservation {res.key!r} are missing ({changed} of {len(scopes)} found)",
@@ -418,6 +471,14 @@ def _scopes(tenant: str, scopes: Sequence[str], unit: str) -> list[str]:
     for scope in wanted:
         _check_budget(tenant, scope, unit)
     return wanted
+
+
+def _reservation_from(row: Sequence[Any]) -> Reservation:
+    key, tenant, scopes, unit, amount, actual, status, created_at, settled_at = row
+    actual = None if actual is None else int(actual)
+    return Reservation(
+        key, tenant, tuple(json.loads(scopes)), unit, int(amount), status, actual, created_at, settled_at
+    )
 
 
 def _load(conn: Connection, key: str) -> Reservation | None:
@@ -486,22 +547,7 @@ _R = t.budget_reservations.c
 _SCOPES: sa.BindParameter[Any] = sa.bindparam("scopes", expanding=True)
 _N = sa.bindparam("n", type_=sa.BigInteger)
 _WHERE_SCOPES = (_B.tenant == sa.bindparam("t"), _B.unit == sa.bindparam("u"), _B.scope.in_(_SCOPES))
-_CHARGE = (
-    t.budgets.update()
-    .where(*_WHERE_SCOPES, sa.or_(_B.cap.is_(None), _B.used + _B.reserved + _N <= _B.cap))
-    .values(reserved=_B.reserved + _N, updated_at=sa.bindparam("now"))
-    .returning(_B.scope)
-)
 _UNCHARGE = t.budgets.update().where(*_WHERE_SCOPES).values(reserved=_B.reserved - _N)
-_SETTLE = (
-    t.budgets.update()
-    .where(*_WHERE_SCOPES)
-    .values(
-        reserved=_B.reserved - sa.bindparam("held", type_=sa.BigInteger),
-        used=_B.used + sa.bindparam("charge", type_=sa.BigInteger),
-        updated_at=sa.bindparam("now"),
-    )
-)
 _SELECT_RES = sa.select(t.budget_reservations).where(_R.key == sa.bindparam("key"))
 _DELETE_RES = t.budget_reservations.delete().where(_R.key == sa.bindparam("b_key"))
 _REWRITE = (  # re-reserve a released key, or undo that when the charge fails
@@ -518,11 +564,43 @@ _TRANSITION = (
 _EXPIRE = _TRANSITION.where(_R.created_at < sa.bindparam("cutoff"))
 
 
-@functools.lru_cache(maxsize=4)
-def _claim_statement(insert: Callable[[sa.Table], Any]) -> Any:
-    """INSERT the reservation row unless the key exists; returns a row only when inserted."""
-    stmt = insert(t.budget_reservations)
-    return stmt.on_conflict_do_nothing(index_elements=["key"]).returning(_R.key)
+# the per-call statements, on the driver's cursor (see RawSql); scope lists as :s0, :s1, ...
+_RES_COLUMNS = '"key", tenant, scopes, unit, amount, actual, status, created_at, settled_at'
+_CLAIM = RawSql(
+    'INSERT INTO budget_reservations ("key", tenant, scopes, unit, amount, status, created_at) '
+    "VALUES (:key, :tenant, :scopes, :unit, :amount, :status, :created_at) "
+    'ON CONFLICT ("key") DO NOTHING RETURNING "key"'
+)
+_TRANSITION_RAW = RawSql(
+    "UPDATE budget_reservations SET status = :b_status, actual = :b_actual, settled_at = :now "
+    f'WHERE "key" = :b_key AND status = :old RETURNING {_RES_COLUMNS}'
+)
+_RES_STATUS = RawSql('SELECT status FROM budget_reservations WHERE "key" = :key')
+_PG_TENANT_LOCK = RawSql("SELECT pg_advisory_xact_lock(:cls, hashtext(CAST(:key AS TEXT)))")
+
+
+def _scope_params(scopes: Sequence[str]) -> dict[str, str]:
+    return {f"s{n}": scope for n, scope in enumerate(scopes)}
+
+
+def _in_scopes(count: int) -> str:
+    return "tenant = :t AND unit = :u AND scope IN (" + ", ".join(f":s{n}" for n in range(count)) + ")"
+
+
+@functools.lru_cache(maxsize=16)
+def _charge(count: int) -> RawSql:
+    return RawSql(
+        f"UPDATE budgets SET reserved = reserved + :n, updated_at = :now WHERE {_in_scopes(count)} "
+        "AND (cap IS NULL OR used + reserved + :n <= cap) RETURNING scope"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _settle(count: int) -> RawSql:
+    return RawSql(
+        "UPDATE budgets SET reserved = reserved - :held, used = used + :charge, updated_at = :now "
+        f"WHERE {_in_scopes(count)}"
+    )
 
 
 # -- what to do when a budget is exceeded --------------------------------------

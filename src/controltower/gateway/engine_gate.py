@@ -11,7 +11,8 @@ from typing import Any
 
 from controltower.engine.context import GateOutcome, ToolInvocation, WaitInfo
 from controltower.gateway.approvals import GATE_SIGNAL
-from controltower.gateway.pipeline import ApprovalSettings, ToolCallRequest, ToolGateway
+from controltower.gateway.audit import AuditEvent
+from controltower.gateway.pipeline import ApprovalSettings, ToolCallRequest, ToolGateway, ToolResult
 from controltower.gateway.tools import ToolDefinition
 from controltower.spec.models import ToolSpec, WorkflowSpec
 from controltower.store.base import WorkflowRecord
@@ -23,6 +24,8 @@ class GovernedToolGate:
         # the engine commits each step after its tool calls, on the same store, in order:
         # a read's record needs no commit of its own
         gateway.defer_read_records = True
+        # (tenant, tool, version) of spec-local tools known to be in the registry
+        self._spec_tools: set[tuple[str, str, str]] = set()
 
     async def aclose(self) -> None:
         await self.gateway.flush()
@@ -33,6 +36,21 @@ class GovernedToolGate:
         for name, tool in spec.tools.items():
             definition = spec_tool(spec.name, record.version, name, tool, owner, base_dir)
             await self.gateway.registry.register(definition)
+            self._spec_tools.add(("default", definition.name, definition.version))
+
+    async def _ensure_spec_tools(self, spec: WorkflowSpec, tenant: str, ctx: Any) -> None:
+        """A workflow's own tools belong to every tenant that runs it: register all of them in the
+        run's tenant on first use (publishing does not know which tenants will run the workflow,
+        and the tenant's policies may name any of them)."""
+        version = ctx.workflow_version or 0
+        owner = spec.owner.team if spec.owner else "unowned"
+        for name, tool in spec.tools.items():
+            key = (tenant, f"{spec.name}.{name}", f"{tool.version}.w{version}")
+            if key in self._spec_tools:
+                continue
+            definition = spec_tool(spec.name, version, name, tool, owner, ctx.base_dir)
+            await self.gateway.registry.register(definition, tenant=tenant)
+            self._spec_tools.add(key)
 
     async def invoke(self, call: ToolInvocation) -> GateOutcome:
         ctx = call.ctx
@@ -45,6 +63,8 @@ class GovernedToolGate:
         if spec is not None:
             department = spec.owner.team if spec.owner else None
             if call.tool in spec.tools:
+                if ctx.tenant != "default":
+                    await self._ensure_spec_tools(spec, ctx.tenant, ctx)
                 name = f"{spec.name}.{call.tool}"
                 version = f"{spec.tools[call.tool].version}.w{ctx.workflow_version}"
             if call.agent and call.agent in spec.agents:
@@ -55,6 +75,7 @@ class GovernedToolGate:
                 sla=governance.approval_sla,
                 on_timeout=governance.on_approval_timeout,
                 escalate_to=governance.escalate_to,
+                group=governance.approval_group,
             )
         args = call.args if isinstance(call.args, dict) else {"input": call.args}
         request = ToolCallRequest(
@@ -75,6 +96,9 @@ class GovernedToolGate:
             proposal=call.proposal,
         )
         result = await self.gateway.call(request)
+        reads = (call.proposal or {}).get("data_read")
+        if reads and not result.replayed and result.status != "pending_approval":
+            await self._record_reads(request, result, reads)
         wait = None
         if result.status == "pending_approval":
             wait = WaitInfo(
@@ -88,6 +112,29 @@ class GovernedToolGate:
             retryable=result.retryable,
             wait=wait,
         )
+
+    async def _record_reads(self, request: ToolCallRequest, result: ToolResult, reads: Any) -> None:
+        """The provenance of a decided call: what the agent had read when it asked for it.
+
+        Written once per call (a replayed result records nothing), beside the call's own record;
+        while the call waits for approval, the reads are in the approval request instead.
+        """
+        event = AuditEvent(
+            tenant=request.tenant,
+            actor=request.actor,
+            kind="data_read",
+            subject=result.tool,
+            run_id=request.run_id,
+            workflow=request.workflow,
+            outcome=result.status,
+            data={
+                "call_key": request.call_key,
+                "step_key": request.step_key,
+                "call_index": request.call_index,
+                "data_read": reads,
+            },
+        )
+        await self.gateway.audit.append(event)
 
 
 def spec_tool(

@@ -258,11 +258,23 @@ class DenialRule(_CountRule):
         )
 
 
+class _Spend:
+    """One key's window: (time, cost) entries and their running sum."""
+
+    __slots__ = ("entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: deque[list[float]] = deque()
+        self.total: float = 0  # stays an exact int while every cost is one
+
+
 class SpendRule:
     """Fires when the cost recorded for one workflow (or ad-hoc agent) exceeds a cap within the window.
 
     Entries are exact up to 4096 per key; beyond that the two oldest are merged (the sum is
-    kept, the merged entry expires with the newer one), so memory stays bounded.
+    kept, the merged entry expires with the newer one), so memory stays bounded. The window's
+    sum is kept as a running total (exact for whole micros): observing a record costs O(1),
+    not O(window).
     """
 
     name = "spend"
@@ -272,21 +284,25 @@ class SpendRule:
         self.limit = config.max_cost_micros
         self.window = config.window_seconds
         self.actions = config.actions
-        self._windows: _Windows[deque[list[float]]] = _Windows(max_keys, deque)
+        self._windows: _Windows[_Spend] = _Windows(max_keys, _Spend)
 
     def observe(self, record: AuditEvent, now: float) -> Alert | None:
         cost = record.data.get("cost_micros")
         if not isinstance(cost, int | float) or isinstance(cost, bool) or cost <= 0:
             return None
         key = (record.tenant, _who(record))
-        entries = self._windows.get(key)
-        entries.append([now, float(cost)])
+        spend = self._windows.get(key)
+        entries = spend.entries
+        entries.append([now, cost])
+        spend.total += cost
         while entries and entries[0][0] <= now - self.window:
-            entries.popleft()
+            spend.total -= entries.popleft()[1]
         if len(entries) > self.MAX_ENTRIES:
             oldest = entries.popleft()
             entries[0][1] += oldest[1]
-        total = int(sum(cost for _, cost in entries))
+        if not entries:
+            spend.total = 0
+        total = int(spend.total)
         if total <= self.limit:
             return None
         self._windows.drop(key)

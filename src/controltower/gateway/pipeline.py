@@ -4,6 +4,11 @@ kill switch → resolve → validate arguments → (recorded result?) → policy
 autonomy → budget reservation → approval → rate limit / concurrency slot → idempotent
 claim → execute with scoped credentials → validate output → record, audit, trace, metrics.
 
+The policy decision (CPU only) is computed before the store is touched, so that the
+recorded-result lookup, the reservation and a write's claim share one transaction; a recorded
+result still wins over the decision. The result, its charge and its audit record share the
+second. See bench/README.md ("Gateway overhead") for what each costs.
+
 A stop at any stage is a :class:`ToolResult` with a stable ``code`` and a ``reason``,
 recorded in the audit trail — never an exception the agent has to survive. Errors of the
 gateway itself (a broken store) do propagate: they are not the agent's to handle.
@@ -20,22 +25,29 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jsonschema
+import sqlalchemy as sa
 from opentelemetry import trace
 
 from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approver
 from controltower.gateway.audit import AuditEvent, AuditLog
 from controltower.gateway.autonomy import AutonomySettings, tighten
-from controltower.gateway.budgets import BudgetExceeded, BudgetLedger
-from controltower.gateway.calls import CallLog, CallRecordRow, Claim
+from controltower.gateway.budgets import BudgetExceeded, BudgetLedger, Reservation
+from controltower.gateway.calls import CallLog, CallRecord, CallRecordRow, Claim
 from controltower.gateway.metrics import GatewayMetrics
 from controltower.gateway.monitor import Controls
-from controltower.gateway.policy import PolicyEngine, PolicyError, PolicyRequest, read_policy_dir
-from controltower.gateway.ratelimit import RateLimited, RateLimiter
+from controltower.gateway.policy import (
+    PolicyDecision,
+    PolicyEngine,
+    PolicyError,
+    PolicyRequest,
+    read_policy_dir,
+)
+from controltower.gateway.ratelimit import RateLimited, RateLimiter, run_retrying
 from controltower.gateway.registry import ToolRegistry, ToolUnavailableError, UnknownToolError
 from controltower.gateway.secrets import Redactor, SecretScope
-from controltower.gateway.tools import ExecContext, ToolDefinition, args_digest
+from controltower.gateway.tools import ExecContext, Executor, ToolDefinition, args_digest
 from controltower.spec.errors import ConflictError, InvalidInputError, NotFoundError, TowerError
-from controltower.store.sql import SqlStore
+from controltower.store.sql import SqlStore, dumps
 
 _tracer = trace.get_tracer("controltower.gateway")
 ResultStatus = Literal["ok", "denied", "pending_approval", "drafted", "error"]
@@ -47,6 +59,7 @@ class ApprovalSettings:
     sla: float | None = None
     on_timeout: Literal["escalate", "fail"] = "fail"
     escalate_to: str | None = None
+    group: str | None = None  # decides approvals that carry no group of their own (autonomy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,39 +204,60 @@ class ToolGateway:
         if problems:
             return await self._stop(req, tool, "invalid_args", problems)
         digest = args_digest(tool.name, tool.version, req.args)
-        prior = await self.calls.get(req.call_key)
+
+        # The policy decision is CPU only, so it is made first (a recorded result still wins
+        # over it below): the recorded-result lookup, the budget reservation and the claim of a
+        # write then share ONE store transaction.
+        cost_cents = 0
+        if req.run_id and self._policies_use_cost():  # a store read only when a policy looks at cost
+            cost_cents = await self._run_cost_cents(req)
+        policy = await self.policy_for(tool, req.tenant)
+        decision: PolicyDecision | None = None
+        effect: str = "deny"
+        why: str | None = None
+        if not isinstance(policy, PolicyError):
+            decision = policy.decide(
+                PolicyRequest(
+                    tool=tool,
+                    agent=req.agent,
+                    workflow=req.workflow,
+                    department=req.department,
+                    tenant=req.tenant,
+                    env=self.env,
+                    args=req.args,
+                    cost_so_far_cents=cost_cents,
+                    run_cost_cents=cost_cents,
+                )
+            )
+            level = await self.autonomy.effective(
+                req.tenant, req.workflow, req.agent, req.autonomy, req.agent_autonomy
+            )
+            effect, why = tighten(decision.effect, tool, level, risk_threshold=req.risk_threshold)
+        # a write allowed outright is claimed in the same transaction, unless something that may
+        # stop it (a rate limit, a missing executor) comes between the claim and the run
+        executor: Executor | ToolUnavailableError | None = None
+        if (
+            effect == "allow"
+            and tool.writes
+            and (tool.rate_limit is None or tool.rate_limit.per_second is None)
+        ):
+            try:
+                executor = self.registry.executor(tool, tenant=req.tenant)
+            except ToolUnavailableError as exc:
+                executor = exc
+        fold_claim = executor is not None and not isinstance(executor, ToolUnavailableError)
+        begun = await self._begin(req, tool, digest, effect in ("allow", "require_approval"), fold_claim)
+        prior, reserved, claim = begun
         if prior is not None and prior.status == "completed":
             if prior.args_digest != digest:
                 return await self._stop(
                     req, tool, "idempotency_conflict", "this call key already ran with different arguments"
                 )
-            if tool.cost_micros:  # idempotent; settles a charge a crash may have interrupted
-                await self.budgets.commit(req.call_key, tool.cost_micros)
             return ToolResult("ok", tool.name, tool.version, output=prior.result, replayed=True)
 
-        cost_cents = 0
-        if req.run_id and self._policies_use_cost():  # a store read only when a policy looks at cost
-            cost_cents = await self._run_cost_cents(req)
-        policy = await self.policy_for(tool, req.tenant)
         if isinstance(policy, PolicyError):
             return await self._stop(req, tool, "policy_invalid", f"the policies do not load: {policy}")
-        decision = policy.decide(
-            PolicyRequest(
-                tool=tool,
-                agent=req.agent,
-                workflow=req.workflow,
-                department=req.department,
-                tenant=req.tenant,
-                env=self.env,
-                args=req.args,
-                cost_so_far_cents=cost_cents,
-                run_cost_cents=cost_cents,
-            )
-        )
-        level = await self.autonomy.effective(
-            req.tenant, req.workflow, req.agent, req.autonomy, req.agent_autonomy
-        )
-        effect, why = tighten(decision.effect, tool, level, risk_threshold=req.risk_threshold)
+        assert decision is not None
         ids = tuple(decision.policy_ids)
         if effect == "deny":
             code = "policy_denied" if ids else "no_grant"
@@ -235,18 +269,12 @@ class ToolGateway:
             return ToolResult(
                 "drafted", tool.name, tool.version, code="draft_only", reason=why, policy_ids=ids
             )
-
-        if tool.cost_micros:
-            try:
-                await self.budgets.reserve(
-                    req.call_key, req.tenant, self._scopes(req), "micros", tool.cost_micros
-                )
-            except BudgetExceeded as exc:
-                return await self._stop(req, tool, "budget_exceeded", str(exc), ids)
+        if isinstance(reserved, BudgetExceeded):
+            return await self._stop(req, tool, "budget_exceeded", str(reserved), ids)
 
         exec_args, exec_digest, approval = req.args, digest, None
         if effect == "require_approval":
-            group = decision.approval_group
+            group = decision.approval_group or req.approval.group
             outcome = await self._approval(req, tool, digest, group, ids, why or decision.reason, cost_cents)
             if isinstance(outcome, ToolResult):
                 return outcome
@@ -256,7 +284,62 @@ class ToolGateway:
             if approval.approved_args is not None:  # the approver edited them
                 exec_args = approval.approved_args
 
-        return await self._execute(req, tool, exec_args, digest, exec_digest, approval, ids)
+        return await self._execute(
+            req, tool, exec_args, digest, exec_digest, approval, ids, executor=executor, claim=claim
+        )
+
+    async def _begin(
+        self, req: ToolCallRequest, tool: ToolDefinition, digest: str, go: bool, claim: bool
+    ) -> tuple[CallRecord | None, Reservation | BudgetExceeded | None, Claim | None]:
+        """One transaction: the recorded result; if none and ``go``, the budget reservation and,
+        with ``claim``, the idempotent claim. Without writes it commits nothing (no fsync)."""
+        key, cost = req.call_key, tool.cost_micros
+        scopes: list[str] = []
+        if cost and go:  # a bad key or scope fails here, as reserving did, only for a call that may go
+            scopes = self.budgets.check_reservation(key, req.tenant, self._scopes(req), "micros", cost)
+        call = CallRecordRow(key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key)
+        retry_in_doubt = not tool.writes or "idempotent" in tool.tags
+        budgets = self.budgets
+        # A recorded result, or a call that needs neither a reservation nor a claim, may not need
+        # the store thread at all (SQLite: read on this thread; "completed" is final).
+        found = self.calls.get_now(key)
+        if found is not None:
+            prior = found[0]
+            if prior is not None and prior.status == "completed":
+                if not cost or prior.args_digest != digest or budgets.settled_now(key):
+                    return prior, None, None
+            elif not claim and (not go or not cost):
+                return prior, None, None
+
+        def job(conn: Any) -> tuple[CallRecord | None, Reservation | BudgetExceeded | None, Claim | None]:
+            if cost:  # lock order on PostgreSQL: the tenant's budgets, then the call's row
+                budgets.lock_in(conn, req.tenant)
+            prior = CallLog.get_in(conn, key, lock=claim)
+            if prior is not None and prior.status == "completed":
+                if cost and prior.args_digest == digest:  # settles a charge a crash may have interrupted
+                    budgets.commit_in(conn, key, cost)
+                return prior, None, None
+            if not go:
+                return prior, None, None
+            reserved = budgets.reserve_in(conn, key, req.tenant, scopes, "micros", cost) if cost else None
+            if isinstance(reserved, BudgetExceeded) or not claim:
+                return prior, reserved, None
+            return prior, reserved, CallLog.claim_in(conn, call, retry_in_doubt=retry_in_doubt, prior=prior)
+
+        # Durability of this commit: it must be VISIBLE before the tool runs (other processes see
+        # the reservation: caps stay exact; a concurrent claim sees this one), but for a call that
+        # is safe to run again (a read, or a tool tagged idempotent) it need not be on disk yet:
+        # the result's commit after the call is durable and, the log being sequential, takes this
+        # one to disk with it; an OS crash before that loses both, and the replay runs the call
+        # again and reserves again. A write's claim stays durable: it is what marks an
+        # interrupted write "in doubt" so that it is never run twice. (A transaction that may
+        # write no reservation stays "durable": it writes nothing to wait for anyway, and on
+        # PostgreSQL relaxing it would cost a statement.)
+        relaxed = bool(cost) and go and not (claim and not retry_in_doubt)
+        try:
+            return await run_retrying(self.store, job, durable=not relaxed)
+        except sa.exc.IntegrityError:  # a concurrent claim of the same key won (nothing was kept)
+            return None, None, Claim("in_doubt", await self.calls.get(key))
 
     async def _execute(
         self,
@@ -267,6 +350,9 @@ class ToolGateway:
         exec_digest: str,
         approval: ApprovalRequest | None,
         ids: tuple[str, ...],
+        *,
+        executor: Executor | ToolUnavailableError | None = None,
+        claim: Claim | None = None,
     ) -> ToolResult:
         try:
             if tool.rate_limit is not None and tool.rate_limit.per_second is not None:
@@ -277,17 +363,22 @@ class ToolGateway:
             await self._release(req, tool)
             return await self._stop(req, tool, "rate_limited", str(exc), ids, retryable=True)
 
-        try:
-            executor = self.registry.executor(tool, tenant=req.tenant)
-        except ToolUnavailableError as exc:
+        if executor is None:
+            try:
+                executor = self.registry.executor(tool, tenant=req.tenant)
+            except ToolUnavailableError as exc:
+                executor = exc
+        if isinstance(executor, ToolUnavailableError):
             await self._release(req, tool)
-            return await self._stop(req, tool, "tool_unavailable", str(exc), ids)
+            return await self._stop(req, tool, "tool_unavailable", str(executor), ids)
         retry_in_doubt = not tool.writes or "idempotent" in tool.tags
         # A read needs no "started" mark: running it again is harmless, so its only write is
-        # the result with its audit record (one commit). Writes are claimed before they run.
+        # the result with its audit record (one commit). Writes are claimed before they run
+        # (in the transaction of the reservation when nothing can stop them in between).
         claimed = tool.writes or approval is not None
-        claim = Claim("claimed")
-        if claimed:
+        if claim is None and not claimed:
+            claim = Claim("claimed")
+        if claim is None:
             claim = await self.calls.claim(
                 req.call_key,
                 tenant=req.tenant,
@@ -375,24 +466,39 @@ class ToolGateway:
         # the result and its audit record commit together: a crash cannot leave an executed
         # call unaudited (and a replay finds the result, so it never runs again)
         event = self._event(req, tool, "tool_call", "executed", None, exec_digest, data)
-
+        rows = self.audit.prepare([event])  # redaction, JSON and hash input off the store thread
+        text = dumps(output)
         call = CallRecordRow(
             req.call_key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key
         )
+        complete_in, commit_in, append_in = (
+            self.calls.complete_in,
+            self.budgets.commit_in,
+            self.audit.append_prepared_in,
+        )
+        key, cost = req.call_key, tool.cost_micros
+
+        lock_in, tenant = self.budgets.lock_in, req.tenant
 
         def record(conn: Any) -> Any:
-            # one transaction: the result, the charge (before the audit chain's lock, always in
-            # this order) and the audit record
-            self.calls.complete_in(conn, call, output)
-            if tool.cost_micros:
-                self.budgets.commit_in(conn, req.call_key, tool.cost_micros)
-            return self.audit.append_in(conn, [event])
+            # one transaction: the result, the charge and the audit record; locks in the order
+            # every gateway transaction takes them: budgets, the call's row, the audit chain
+            if cost:
+                lock_in(conn, tenant)
+            complete_in(conn, call, output, text=text)
+            if cost:
+                commit_in(conn, key, cost)
+            return append_in(conn, rows)
 
-        pending = self.store.run(record)
-        if self.defer_read_records and not tool.writes and not tool.cost_micros:
-            # The store commits jobs in order, so this record is durable no later than anything
-            # the caller commits after using the result (the engine's step record): a crash
-            # cannot keep a step that used an unaudited read. Writes always wait.
+        deferred = self.defer_read_records and not tool.writes
+        # a deferred record need not wait for the disk either: the caller's next commit (the
+        # engine's step record) is durable and, committed after it, takes it to disk with it
+        pending = self.store.run(record, durable=not deferred)
+        if deferred:
+            # The store commits jobs in order, so this record (and a priced read's charge) is
+            # durable no later than anything the caller commits after using the result (the
+            # engine's step record): a crash cannot keep a step that used an unaudited read; the
+            # reservation made before the call keeps the caps exact meanwhile. Writes always wait.
             task = asyncio.ensure_future(self._publish_later(pending))
             self._deferred.add(task)
             task.add_done_callback(self._deferred.discard)

@@ -367,6 +367,10 @@ class PolicyEngine:
         )
         self._order = {info: n for n, info in enumerate(self.policies.values())}
         self._entities = functools.lru_cache(maxsize=4096)(self._build_entities)
+        # What of the context any policy reads (paths like ("args", "amount")): decisions are
+        # cached on those values plus the principal and tool, which determine everything else.
+        self._context_paths: tuple[tuple[str, ...], ...] = tuple(sorted(_context_paths(static)))
+        self._decisions: dict[Any, PolicyDecision] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path, tools: Iterable[ToolDefinition], **kwargs: Any) -> PolicyEngine:
@@ -485,11 +489,31 @@ class PolicyEngine:
             "resource": _uid("Tool", tool.name),
             "context": context,
         }
+        key = (who, tool_key, request.env, self._context_key(context))
+        cached = self._decisions.get(key)
+        if cached is not None:
+            return cached
         try:
             entities = self._entities(who, tool_key)
         except ValueError as exc:  # an id or attribute Cedar cannot hold
             return _deny(f"the request cannot be expressed in Cedar: {exc}")
-        return self._interpret(request, cedarpy.is_authorized(cedar_request, self._policy_set, entities))
+        decision = self._interpret(request, cedarpy.is_authorized(cedar_request, self._policy_set, entities))
+        if len(self._decisions) >= _DECISION_CACHE:
+            self._decisions.clear()
+        self._decisions[key] = decision
+        return decision
+
+    def _context_key(self, context: Mapping[str, Any]) -> tuple[str, ...]:
+        """The values (canonical JSON) at the context paths the policies read; absent: ``-``."""
+        out = []
+        for path in self._context_paths:
+            value: Any = context
+            for name in path:
+                value = value.get(name, _ABSENT) if isinstance(value, Mapping) else _ABSENT
+                if value is _ABSENT:
+                    break
+            out.append("-" if value is _ABSENT else json.dumps(value, sort_keys=True, separators=(",", ":")))
+        return tuple(out)
 
     def _interpret(self, request: PolicyRequest, result: cedarpy.AuthzResult) -> PolicyDecision:
         tool, who = request.tool, request.principal
@@ -582,6 +606,55 @@ class PolicyEngine:
     def schema_text(self) -> str:
         """The generated schema in Cedar's human-readable syntax, for policy authors."""
         return str(self._schema)
+
+
+_ABSENT = object()
+_DECISION_CACHE = 8192  # decisions kept per engine; cleared when full
+
+
+def _context_paths(node: Any) -> set[tuple[str, ...]]:
+    """Every ``context.a.b...`` chain read by a policy set in Cedar's JSON form (``has`` included).
+
+    A bare ``context`` (compared or passed whole) yields ``()``: the whole context.
+    """
+    found: set[tuple[str, ...]] = set()
+
+    def chain(expr: Any) -> tuple[str, ...] | None:
+        if not isinstance(expr, Mapping) or len(expr) != 1:
+            return None
+        if expr.get("Var") == "context":
+            return ()
+        access = expr.get(".")
+        if isinstance(access, Mapping) and isinstance(access.get("attr"), str):
+            base = chain(access.get("left"))
+            return None if base is None else (*base, access["attr"])
+        return None
+
+    def walk(item: Any) -> None:
+        if isinstance(item, list):
+            for sub in item:
+                walk(sub)
+            return
+        if not isinstance(item, Mapping):
+            return
+        path = chain(item)
+        if path is not None:
+            found.add(path)
+            return
+        test = item.get("has") if len(item) == 1 else None
+        if isinstance(test, Mapping) and isinstance(test.get("attr"), str):
+            base = chain(test.get("left"))
+            if base is not None:
+                found.add((*base, test["attr"]))
+                return
+        for sub in item.values():
+            walk(sub)
+
+    walk(node)
+    if () in found:
+        return {()}
+    # a path under another one is covered by it: keep the shortest
+    return {p for p in found if not any(p[: len(q)] == q and p != q for q in found)}
 
 
 def suggest_permit(request: PolicyRequest) -> str:

@@ -61,8 +61,11 @@ PG_LOCK = sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:key))")
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
 
 
-async def run_retrying(store: SqlStore, fn: Callable[[Connection], T], attempts: int = 6) -> T:
-    """``store.run(fn)``, retried when PostgreSQL aborts the transaction as a deadlock victim.
+async def run_retrying(
+    store: SqlStore, fn: Callable[[Connection], T], attempts: int = 6, *, durable: bool = True
+) -> T:
+    """``store.run(fn, durable=durable)``, retried when PostgreSQL aborts the transaction as a
+    deadlock victim.
 
     Group commit puts several jobs in one transaction, so two processes' batches can take
     the same locks in different orders; PostgreSQL then aborts one. The committer re-runs
@@ -71,7 +74,7 @@ async def run_retrying(store: SqlStore, fn: Callable[[Connection], T], attempts:
     """
     for attempt in range(attempts):
         try:
-            return await store.run(fn)
+            return await store.run(fn, durable=durable)
         except sa.exc.DBAPIError as exc:
             state = getattr(exc.orig, "sqlstate", None)
             if state not in _RETRY_SQLSTATES or attempt + 1 >= attempts:

@@ -22,11 +22,14 @@ class KPIResult:
     unit: str | None
     minutes_saved: float | None
     errors: int
+    direction: str = "up"
 
     @property
     def meets_target(self) -> bool | None:
         if self.value is None or self.target is None:
             return None
+        if self.direction == "down":
+            return self.value <= self.target
         return self.value >= self.target
 
 
@@ -58,7 +61,9 @@ def _one(kpi: KPISpec, runs: list[RunRecord]) -> KPIResult:
     saved = None
     if kpi.minutes_saved_per_run is not None:
         saved = kpi.minutes_saved_per_run * sum(1 for v in values if v)
-    return KPIResult(kpi.name, value, len(values), kpi.baseline, kpi.target, kpi.unit, saved, errors)
+    return KPIResult(
+        kpi.name, value, len(values), kpi.baseline, kpi.target, kpi.unit, saved, errors, kpi.direction
+    )
 
 
 def _aggregate(how: str, values: list[float]) -> float | None:

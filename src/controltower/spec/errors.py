@@ -67,6 +67,12 @@ class InvalidInputError(TowerError):
     code = "invalid_input"
 
 
+class ExtraMissingError(TowerError):
+    """A feature needs an optional extra that is not installed; the hint names the pip command."""
+
+    code = "extra_missing"
+
+
 class InvalidStateError(TowerError):
     """The operation is not allowed in the object's current state (e.g. approving a finished run)."""
 

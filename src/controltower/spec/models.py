@@ -83,19 +83,36 @@ class ManualTrigger(_Model):
 
 
 class WebhookTrigger(_Model):
+    """``POST /v1/webhooks/<path or workflow name>``, signed with HMAC-SHA256 over ``timestamp.body``."""
+
     kind: Literal["webhook"] = "webhook"
-    path: str | None = Field(default=None, description="Defaults to /hooks/<workflow name>.")
+    path: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="Endpoint name under /v1/webhooks/; defaults to the workflow name.",
+    )
     secret_env: str | None = Field(
         default=None, description="Environment variable holding the HMAC-SHA256 signing secret."
     )
-    tolerance: Duration = 300.0
+    tolerance: Duration = Field(
+        default=300.0, description="How far the signed timestamp may be from now; older is a replay."
+    )
+    input_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the body; the workflow's input_schema applies too."
+    )
+    max_bytes: int = Field(default=1_048_576, ge=1, le=10 * 1024 * 1024)
 
 
 class CronTrigger(_Model):
+    """Exactly one run per tick. ``missed`` says what happens to ticks that passed while nothing ran:
+    ``skip`` drops them, ``run_once`` runs the latest of them once, ``run_all`` runs each (at most
+    ``max_catch_up``, the most recent)."""
+
     kind: Literal["cron"] = "cron"
     schedule: str = Field(min_length=9, description="Five-field cron expression, e.g. '0 8 * * 1-5'.")
     timezone: str = "UTC"
     missed: Literal["skip", "run_once", "run_all"] = "run_once"
+    max_catch_up: int = Field(default=100, ge=1, le=10_000)
     input: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("schedule")
@@ -103,14 +120,40 @@ class CronTrigger(_Model):
     def _five_fields(cls, value: str) -> str:
         if len(value.split()) != 5:
             raise ValueError("a cron schedule has five fields: minute hour day month weekday")
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a valid cron expression, e.g. '*/5 * * * *' or '0 8 * * 1-5'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name like 'Europe/Paris'") from None
         return value
 
 
 class QueueTrigger(_Model):
+    """One run per message; the run's idempotency key comes from the message id, so a
+    redelivered message never starts a second run."""
+
     kind: Literal["queue"] = "queue"
     backend: Literal["redis", "nats"]
     stream: str = Field(min_length=1)
-    group: str | None = None
+    group: str | None = Field(
+        default=None, description="Consumer group / durable name; default tower-<workflow>."
+    )
+    subject: str | None = Field(default=None, description="NATS subject filter; default the stream name.")
+    url: str | None = Field(default=None, description="Server URL; default TOWER_REDIS_URL / TOWER_NATS_URL.")
+    claim_after: Duration = Field(
+        default=30.0, description="An unacknowledged message is redelivered to another consumer after this."
+    )
+    batch: int = Field(default=10, ge=1, le=1000)
 
 
 TriggerSpec = Annotated[
@@ -166,19 +209,60 @@ class Rule(_Model):
     output: dict[str, Any]
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*:\S+$"
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, max_length=200)]
+
+
+class ModelPrice(_Model):
+    """What a model costs, in integer micro-dollars per million tokens (150000 = $0.15 / 1M)."""
+
+    input: int = Field(ge=0)
+    output: int = Field(ge=0)
+
+
 class AgentSpec(_Model):
     kind: Literal["llm", "rule", "python", "remote"]
     role: str | None = None
     instructions: str | None = None
-    model: str | None = None
+    model: ModelName | None = Field(
+        default=None,
+        description="'provider:model', e.g. 'openai:gpt-4o-mini', 'ollama:llama3.2', "
+        "'openai-compatible:NAME' (TOWER_MODEL_BASE_URL). Else the workflow's model, else TOWER_MODEL.",
+    )
+    fallback_models: list[ModelName] = Field(
+        default_factory=list, description="Tried in order when a model call fails or times out."
+    )
+    offline: str | None = Field(
+        default=None,
+        description="'module:function' that runs instead of an llm agent when no model is configured.",
+    )
     impl: str | None = Field(default=None, description="'module:function' for python agents.")
     rules: list[Rule] = Field(default_factory=list)
     default: dict[str, Any] | None = Field(
         default=None, description="Rule agent output when no rule matches."
     )
-    endpoint: str | None = None
-    tools: list[str] = Field(default_factory=list)
+    endpoint: str | None = Field(
+        default=None, description="Remote agents: the URL their payload is POSTed to."
+    )
+    auth_env: str | None = Field(
+        default=None, description="Remote agents: environment variable holding a bearer token."
+    )
+    tools: list[str] = Field(
+        default_factory=list, description="Tool names (called through the gateway) or 'agent:<name>'."
+    )
+    input_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the payload handed to this agent."
+    )
     output_schema: dict[str, Any] | None = None
+    output_retries: int = Field(
+        default=2, ge=0, le=10, description="LLM agents: re-asks after an output that breaks output_schema."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="LLM agents: output tokens per model call."
+    )
+    timeout: Duration | None = Field(
+        default=None, description="Per model request (LLM, default 60s) or per POST (remote, default 30s)."
+    )
     autonomy: AutonomyLevel = "approve_writes"
     budget: BudgetSpec | None = None
 
@@ -190,8 +274,17 @@ class AgentSpec(_Model):
             raise ValueError("a rule agent needs at least one rule")
         if self.kind == "remote" and not self.endpoint:
             raise ValueError("a remote agent needs endpoint: URL")
-        if self.impl is not None and ":" not in self.impl:
-            raise ValueError(f"impl {self.impl!r} must look like 'package.module:function'")
+        if self.kind == "remote" and self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {self.endpoint!r} must be an http:// or https:// URL")
+        for field_name in ("impl", "offline"):
+            value = getattr(self, field_name)
+            if value is not None and ":" not in value:
+                raise ValueError(f"{field_name} {value!r} must look like 'package.module:function'")
+        if self.offline is not None and self.kind != "llm":
+            raise ValueError("offline: applies to llm agents only")
+        for tool in self.tools:
+            if tool.startswith("agent:") and len(tool) == len("agent:"):
+                raise ValueError("'agent:' in tools needs an agent name, e.g. 'agent:researcher'")
         return self
 
 
@@ -388,6 +481,11 @@ class GovernanceSpec(_Model):
     approval_sla: Duration | None = Field(default=None, description="How long an approval may wait.")
     on_approval_timeout: Literal["escalate", "fail"] = "fail"
     escalate_to: str | None = Field(default=None, description="Group that gets an approval past its SLA.")
+    approval_group: str | None = Field(
+        default=None,
+        description="Group that decides approvals the autonomy level asks for; a policy's "
+        "@approval group takes precedence.",
+    )
 
     @model_validator(mode="after")
     def _escalation_needs_group(self) -> GovernanceSpec:
@@ -412,6 +510,10 @@ class WorkflowSpec(_Model):
     tools: dict[str, ToolSpec] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
     budget: BudgetSpec | None = None
+    model: ModelName | None = Field(default=None, description="Default model of this workflow's llm agents.")
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Price overrides per model name (micro-dollars per 1M tokens)."
+    )
     kpis: list[KPISpec] = Field(default_factory=list)
     concurrency: ConcurrencySpec = Field(default_factory=ConcurrencySpec)
     governance: GovernanceSpec = Field(default_factory=GovernanceSpec)

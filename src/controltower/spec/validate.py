@@ -118,6 +118,13 @@ class _Checker:
             if agent.default is not None:
                 self._templates(agent.default, ["agents", name, "default"], {"input"})
             self._schema(agent.output_schema, ["agents", name, "output_schema"])
+            for j, used in enumerate(agent.tools):
+                # `agent:<name>` makes another agent a tool of this one
+                if used.startswith("agent:"):
+                    other = used.removeprefix("agent:")
+                    self._declared(other, spec.agents, ["agents", name, "tools", j], "agent")
+                    if other == name:
+                        self.add(["agents", name, "tools", j], f"agent {name!r} lists itself as a tool")
         for name, tool in spec.tools.items():
             self._schema(tool.input_schema, ["tools", name, "input_schema"])
             self._schema(tool.output_schema, ["tools", name, "output_schema"])

@@ -7,6 +7,14 @@ same kind (e.g. step inserts) are merged into one executemany.
 
 If a batch fails, it is rolled back and its jobs are re-run one per transaction,
 so one bad request fails alone and the others still commit.
+
+Relaxed jobs (``submit(..., durable=False)``) need their commit to be visible to every
+connection at once but not yet on disk: the store commits a batch without waiting for the
+disk only when EVERY job in it is relaxed (SQLite: ``synchronous=NORMAL`` for that commit,
+set outside the transaction; PostgreSQL: ``SET LOCAL synchronous_commit TO OFF``). A batch
+with one durable job commits durably. The log is sequential on both, so the next durable
+commit makes the earlier relaxed ones durable too; an OS crash before it loses them together
+with everything after them, never a later commit without an earlier one.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ import sqlalchemy as sa
 _KILL_AFTER = int(os.environ.get("TOWER_FAULT_KILL_IN_COMMIT", "0") or 0)
 
 BatchFn = Callable[[sa.Connection, list[Any]], list[Any]]
+# (connection outside any transaction, relaxed?) -> None: prepare the next commit's durability
+SyncFn = Callable[[sa.Connection, bool], None]
+# (connection inside the transaction) -> None: make this transaction's commit relaxed
+RelaxFn = Callable[[sa.Connection], None]
 
 
 @dataclass(slots=True)
@@ -36,14 +48,26 @@ class _Job:
     arg: Any
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    durable: bool = True
 
 
 class GroupCommitter:
     """Owns one connection and one thread; all SQL for a store goes through it."""
 
-    def __init__(self, engine: sa.Engine, *, max_batch: int = 2000, name: str = "tower-store") -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        max_batch: int = 2000,
+        name: str = "tower-store",
+        set_sync: SyncFn | None = None,
+        relax_in: RelaxFn | None = None,
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
+        self._set_sync = set_sync
+        self._relax_in = relax_in
+        self._relaxed = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._closed = False
@@ -55,13 +79,30 @@ class GroupCommitter:
         """How many transactions have been committed (for tests and benchmarks)."""
         return self._batches
 
-    def submit(self, fn: BatchFn, arg: Any = None, key: Hashable | None = None) -> asyncio.Future[Any]:
-        """Queue ``fn(conn, [arg, ...])``; jobs with the same non-None ``key`` may be merged."""
+    @property
+    def relaxed_batches(self) -> int:
+        """How many of them were committed without waiting for the disk (all jobs relaxed)."""
+        return self._relaxed
+
+    @property
+    def can_relax(self) -> bool:
+        """False when every commit is already as durable as it gets (nothing to relax)."""
+        return self._set_sync is not None or self._relax_in is not None
+
+    def submit(
+        self, fn: BatchFn, arg: Any = None, key: Hashable | None = None, *, durable: bool = True
+    ) -> asyncio.Future[Any]:
+        """Queue ``fn(conn, [arg, ...])``; jobs with the same non-None ``key`` may be merged.
+
+        ``durable=False``: the job's commit must be visible at once but may reach the disk with
+        the next durable commit (see the module docstring); it is committed that way only in a
+        batch of relaxed jobs, else durably.
+        """
         if self._closed:
             raise RuntimeError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(fn, key, arg, loop, future))
+        self._queue.put(_Job(fn, key, arg, loop, future, durable))
         return future
 
     def close(self) -> None:
@@ -94,15 +135,31 @@ class GroupCommitter:
                 if stop:
                     return
 
+    def _begin(self, conn: sa.Connection, relaxed: bool) -> sa.RootTransaction:
+        """Start a transaction whose commit waits for the disk unless ``relaxed``."""
+        relaxed = relaxed and self.can_relax
+        if self._set_sync is not None:  # outside the transaction (SQLite: a per-connection pragma)
+            self._set_sync(conn, relaxed)
+        tx = conn.begin()
+        if relaxed and self._relax_in is not None:
+            try:
+                self._relax_in(conn)
+            except BaseException:
+                tx.rollback()
+                raise
+        return tx
+
     def _run(self, conn: sa.Connection, batch: list[_Job]) -> None:
         groups = _group(batch)
         outcomes: list[tuple[_Job, bool, Any]] = []
+        relaxed = not any(job.durable for job in batch)
         try:
-            with conn.begin():
+            with self._begin(conn, relaxed):
                 for group in groups:
                     results = group[0].fn(conn, [job.arg for job in group])
                     outcomes.extend((job, True, res) for job, res in zip(group, results, strict=True))
                 self._batches += 1
+                self._relaxed += relaxed and self.can_relax
                 if _KILL_AFTER and self._batches >= _KILL_AFTER:
                     import signal
 
@@ -116,9 +173,10 @@ class GroupCommitter:
 
     def _run_alone(self, conn: sa.Connection, job: _Job) -> tuple[_Job, bool, Any]:
         try:
-            with conn.begin():
+            with self._begin(conn, not job.durable):
                 (result,) = job.fn(conn, [job.arg])
             self._batches += 1
+            self._relaxed += not job.durable and self.can_relax
             return job, True, result
         except BaseException as exc:  # delivered to the caller, never lost in this thread
             return job, False, exc

@@ -30,4 +30,14 @@ class PostgresStore(SqlStore):
                 hint="pip install 'controltower[postgres]'",
             ) from exc
         engine = sa.create_engine(normalise_url(url), pool_size=2, max_overflow=2, pool_pre_ping=True)
-        super().__init__(url, engine)
+        super().__init__(url, engine, relax_in=_relax_in)
+
+
+def _relax_in(conn: sa.Connection) -> None:
+    """This transaction's commit returns before its WAL record is flushed (visible at once; on
+    disk with the next synchronous commit, which flushes the WAL up to its own record)."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute("SET LOCAL synchronous_commit TO OFF")
+    finally:
+        cursor.close()

@@ -240,3 +240,182 @@ controls = sa.Table(
     sa.Column("changed_by", sa.String(200), nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+# --- model calls (migration 0003) -------------------------------------------
+# One row per completed model request of an llm agent, keyed like a step: a replay serves the
+# recorded response instead of calling the model again. Never holds API keys or base URLs.
+
+model_calls = sa.Table(
+    "model_calls",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("step_key", sa.String(500), primary_key=True),
+    sa.Column("call_index", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("workflow", sa.String(100), nullable=False),
+    sa.Column("agent", sa.String(100), nullable=True),
+    sa.Column("model", sa.String(200), nullable=False),  # the configured name that answered
+    sa.Column("request", sa.Text, nullable=False),  # JSON: the new message(s) of this request
+    sa.Column("response", sa.Text, nullable=False),  # JSON: the model's response, as replayed
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cost_micros", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.Text, nullable=True),  # JSON: models tried before, and why they failed
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=False),
+    sa.Index("ix_model_calls_tenant", "tenant", "workflow", "finished_at"),
+)
+
+# --- agent memory (migration 0004) ------------------------------------------
+# Long-term memory per (tenant, workflow, namespace). ``vector`` is the embedding of ``text``
+# (float32, little-endian) made by ``embedder``; search is exact (brute-force cosine).
+
+memory_entries = sa.Table(
+    "memory_entries",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("workflow", sa.String(100), primary_key=True),
+    sa.Column("namespace", sa.String(100), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=True),
+    sa.Column("subjects", sa.Text, nullable=True),  # JSON list, mirrored in memory_subjects
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("embedder", sa.String(100), nullable=True),
+    sa.Column("vector", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Index("ix_memory_entries_expiry", "expires_at"),
+)
+
+memory_subjects = sa.Table(
+    "memory_subjects",
+    metadata,
+    # who an entry is about (a customer id, an e-mail): erasure finds every entry through here
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("subject", sa.String(200), primary_key=True),
+    sa.Column("workflow", sa.String(100), primary_key=True),
+    sa.Column("namespace", sa.String(100), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Index("ix_memory_subjects_entry", "tenant", "workflow", "namespace", "key"),
+)
+
+# --- users, tokens, sessions, tenants (migration 0005) ----------------------
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("display_name", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("username", sa.String(200), primary_key=True),
+    sa.Column("password_hash", sa.String(300), nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),  # JSON list
+    sa.Column("groups", sa.Text, nullable=False),  # JSON list of approval groups
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),  # SHA-256 of the secret; never the secret
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("groups", sa.Text, nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("description", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+    sa.Column("last_used_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
+    sa.Index("ix_api_tokens_tenant", "tenant", "created_at"),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),  # SHA-256 of the cookie value
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("groups", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Index("ix_sessions_expiry", "expires_at"),
+)
+
+workflow_owners = sa.Table(
+    "workflow_owners",
+    metadata,
+    # workflow names are global in ``workflows``; this row says which tenant owns a name
+    # (names without a row belong to tenant "default", e.g. published by the CLI)
+    sa.Column("workflow", sa.String(100), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_workflow_owners_tenant", "tenant"),
+)
+
+# --- trigger state (migration 0006) -----------------------------------------
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    # a repeated delivery id returns the first run; a different body under the same id is a conflict
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("workflow", sa.String(100), primary_key=True),
+    sa.Column("delivery_id", sa.String(200), primary_key=True),
+    sa.Column("body_digest", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+cron_ticks = sa.Table(
+    "cron_ticks",
+    metadata,
+    # one row per fired tick: the scheduler's cursor across restarts; the run's idempotency key
+    # (derived from the same tick) makes the start itself exactly-once across processes
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("workflow", sa.String(100), primary_key=True),
+    sa.Column("trigger", sa.String(64), primary_key=True),  # digest of schedule + time zone
+    sa.Column("tick_at", sa.Float, primary_key=True),
+    sa.Column("run_id", sa.String(40), nullable=True),  # None: a missed tick skipped by policy
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# --- notification outbox (migration 0007) ---
+
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    # one row per (event, channel): the sender delivers pending rows with backoff, after a restart
+    # too; ``key`` + ``channel`` is unique, so enqueueing the same event again is a no-op.
+    # Rows hold what the message says and the channel's public name, never a URL or a password.
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("key", sa.String(300), nullable=False),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(40), nullable=False),
+    sa.Column("subject_id", sa.String(200), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),  # JSON of the Notification
+    sa.Column("status", sa.String(16), nullable=False),  # pending | sent | failed
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("key", "channel", name="uq_notifications_key_channel"),
+    sa.Index("ix_notifications_due", "status", "next_attempt_at"),
+)

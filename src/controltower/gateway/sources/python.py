@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import inspect
-import sys
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -34,6 +32,7 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from controltower.engine.callables import RefNotFound, load_ref
 from controltower.gateway.tools import (
     Binding,
     ExecContext,
@@ -221,20 +220,17 @@ def load_python_tool(
             f"python tool reference {ref!r} must look like 'package.module:function'",
             hint="separate the module and the function with a colon",
         )
-    if base_dir and base_dir not in sys.path:
-        sys.path.insert(0, base_dir)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+        target = load_ref(module_name, attr, base_dir)
+    except RefNotFound as exc:
+        if exc.import_error is None:
+            raise ToolSourceError(
+                f"module {module_name!r} has no attribute {attr!r} (python tool {ref!r})"
+            ) from None
         raise ToolSourceError(
-            f"cannot import {module_name!r} for python tool {ref!r}: {exc}",
+            f"cannot import {module_name!r} for python tool {ref!r}: {exc.import_error}",
             hint="check the module path; it is resolved from the spec's directory and sys.path",
         ) from None
-    target: Any = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise ToolSourceError(f"module {module_name!r} has no attribute {attr!r} (python tool {ref!r})")
     if isinstance(target, PythonTool):
         if not overrides and base_dir is None:
             return target.pair
