@@ -385,6 +385,7 @@ async def measure_backend(
 
         async def measure(call: Call, replayed: bool, what: str) -> dict[str, Any]:
             commits, cpu, relaxed = store.commits, time.process_time(), relaxed_commits(store)
+            granted = gateway.allotments.granted
             latencies, results = await sequential(call, n)
             cpu, commits = time.process_time() - cpu, store.commits - commits
             relaxed = relaxed_commits(store) - relaxed
@@ -393,6 +394,7 @@ async def measure_backend(
                 "commits/call": commits / n,
                 "relaxed/call": relaxed / n,
                 "cpu ms/call": cpu / n * 1000,
+                "allotments": gateway.allotments.granted - granted,  # budget shares reserved
             }
 
         for tool, name in KINDS:
@@ -484,10 +486,12 @@ async def measure_engine(store: Any, gateway: Any, n: int, warmup: int) -> dict[
                 )
                 shared.ENGINE_LATENCIES.clear()
                 commits, cpu, relaxed = store.commits, time.process_time(), relaxed_commits(store)
+                granted = gateway.allotments.granted
                 run_id = await engine.start(spec)
                 info = await engine.wait(run_id, timeout=600)
                 cpu, commits = time.process_time() - cpu, store.commits - commits
                 relaxed = relaxed_commits(store) - relaxed
+                granted = gateway.allotments.granted - granted
                 expect(info.status == "completed", f"engine path {name}: run {info.status}: {info.error}")
                 expect(len(shared.ENGINE_LATENCIES) == count, f"engine path {name}: calls not timed")
                 if keep:
@@ -495,6 +499,7 @@ async def measure_engine(store: Any, gateway: Any, n: int, warmup: int) -> dict[
                         "commits/call": commits / n,
                         "relaxed/call": relaxed / n,
                         "cpu ms/call": cpu / n * 1000,
+                        "allotments": granted,
                     }
     finally:
         await engine.close()

@@ -49,6 +49,7 @@ from controltower.store import tables as t
 from controltower.store.sql import RawSql
 
 UNITS: tuple[str, ...] = ("micros", "tokens")
+ALLOTMENT_PREFIX = "allot:"  # reservation keys of allotments (see controltower.gateway.allotments)
 _SCOPE = re.compile(r"^(tenant|department|workflow|run):\S.{0,290}$")
 
 
@@ -135,6 +136,10 @@ class BudgetLedger:
         self._clock = clock
         self._pg = store.dialect == "postgresql"
         self._insert: Callable[[sa.Table], Any] = store.insert
+
+    @property
+    def store(self) -> SqlStore:
+        return self._store
 
     # -- caps and usage ------------------------------------------------------
 
@@ -331,15 +336,16 @@ class BudgetLedger:
         (the reservation never happened) returns None.
         """
 
-        def fn(conn: Connection) -> Reservation | None:
-            res = self._transition(conn, key, "reserved", "released", None)
-            if res is not None:
-                self._move(conn, res, res.amount, 0)
-                return res
-            res = _load(conn, key)
-            return None if res is None else replace(res, replayed=True)
+        return await run_retrying(self._store, lambda conn: self.release_in(conn, key))
 
-        return await run_retrying(self._store, fn)
+    def release_in(self, conn: Connection, key: str) -> Reservation | None:
+        """:meth:`release` inside the caller's transaction."""
+        res = self._transition(conn, key, "reserved", "released", None)
+        if res is not None:
+            self._move(conn, res, res.amount, 0)
+            return res
+        res = _load(conn, key)
+        return None if res is None else replace(res, replayed=True)
 
     async def expire_stale(self, older_than: float, *, limit: int = 1000) -> int:
         """Release reservations still open ``older_than`` seconds after they were made.
@@ -387,6 +393,95 @@ class BudgetLedger:
             return int(conn.execute(stmt).rowcount)
 
         return await self._store.run(fn)
+
+    # -- allotments: a process's share of the budgets, spent call by call in memory -----
+
+    def headroom_in(self, conn: Connection, tenant: str, scopes: Sequence[str], unit: str) -> int | None:
+        """The least ``cap - used - reserved`` over the capped budgets of ``scopes``; None: none capped."""
+        order = sorted(set(scopes))
+        cursor = _headroom(len(order))(conn, {"t": tenant, "u": unit, **_scope_params(order)})
+        try:
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def draw_in(
+        self, conn: Connection, allotment: str, key: str, tenant: str, scopes: Sequence[str], amount: int
+    ) -> bool:
+        """Charge one call of ``amount`` drawn from the allotment reserved under key ``allotment``.
+
+        In the caller's transaction (the call's result and audit record): the call gets a
+        committed reservation row of its own under ``key`` (so a replay never charges it again),
+        the allotment's row gives up ``amount``, and every scope moves ``amount`` from reserved
+        to used. If the allotment was already given back (expired while the call ran), the
+        amount is only added to used, like a commit of an expired reservation. False: ``key``
+        was already charged (a replay), nothing changed.
+        """
+        now = self._clock()
+        row = {
+            "key": key,
+            "tenant": tenant,
+            "scopes": json.dumps(list(scopes)),
+            "unit": "micros",
+            "amount": amount,
+            "actual": amount,
+            "status": "committed",
+            "created_at": now,
+            "settled_at": now,
+        }
+        cursor = _CLAIM_SETTLED(conn, row)
+        inserted = cursor.fetchone() is not None
+        cursor.close()
+        if not inserted:
+            return False
+        cursor = _DRAW(conn, {"b_key": allotment, "n": amount})
+        held = amount if cursor.rowcount == 1 else 0
+        cursor.close()
+        order = sorted(set(scopes))
+        values: dict[str, Any] = {"t": tenant, "u": "micros", "held": held, "charge": amount, "now": now}
+        cursor = _settle(len(order))(conn, {**values, **_scope_params(order)})
+        changed = cursor.rowcount
+        cursor.close()
+        if changed != len(order):
+            raise ConflictError(
+                f"budget rows of allotment {allotment!r} are missing ({changed} of {len(order)} found)",
+                hint="do not delete budget rows that have open reservations",
+            )
+        return True
+
+    def shrink_in(
+        self, conn: Connection, allotment: str, tenant: str, scopes: Sequence[str], amount: int
+    ) -> int:
+        """Give back ``amount`` of an allotment that calls still draw from (its unspent part);
+        returns what was given back (0 if the allotment was already released)."""
+        cursor = _DRAW(conn, {"b_key": allotment, "n": amount})
+        held = amount if cursor.rowcount == 1 else 0
+        cursor.close()
+        if held:
+            order = sorted(set(scopes))
+            values: dict[str, Any] = {"t": tenant, "u": "micros", "held": held, "charge": 0}
+            _settle(len(order))(conn, {**values, **_scope_params(order), "now": self._clock()}).close()
+        return held
+
+    def expire_allotments_in(self, conn: Connection, older_than: float, *, limit: int = 100) -> int:
+        """Give back allotments still open ``older_than`` seconds after they were made: those of
+        a process that died (a live one gives its own back within seconds). Returns how many."""
+        r = t.budget_reservations.c
+        cutoff = self._clock() - older_than
+        rows = conn.execute(
+            sa.select(r.key)
+            .where(r.status == "reserved", r.key.like(f"{ALLOTMENT_PREFIX}%"), r.created_at < cutoff)
+            .order_by(r.created_at)
+            .limit(limit)
+        ).all()
+        released = 0
+        for row in rows:
+            res = self._transition(conn, row.key, "reserved", "released", None, cutoff=cutoff)
+            if res is not None:
+                self._move(conn, res, res.amount, 0)
+                released += 1
+        return released
 
     # -- inside the transaction ----------------------------------------------
 
@@ -575,6 +670,15 @@ _TRANSITION_RAW = RawSql(
     "UPDATE budget_reservations SET status = :b_status, actual = :b_actual, settled_at = :now "
     f'WHERE "key" = :b_key AND status = :old RETURNING {_RES_COLUMNS}'
 )
+_CLAIM_SETTLED = RawSql(
+    'INSERT INTO budget_reservations ("key", tenant, scopes, unit, amount, actual, status, created_at, '
+    "settled_at) VALUES (:key, :tenant, :scopes, :unit, :amount, :actual, :status, :created_at, "
+    ':settled_at) ON CONFLICT ("key") DO NOTHING RETURNING "key"'
+)
+_DRAW = RawSql(
+    'UPDATE budget_reservations SET amount = amount - :n WHERE "key" = :b_key AND status = '
+    "'reserved' AND amount >= :n"
+)
 _RES_STATUS = RawSql('SELECT status FROM budget_reservations WHERE "key" = :key')
 _PG_TENANT_LOCK = RawSql("SELECT pg_advisory_xact_lock(:cls, hashtext(CAST(:key AS TEXT)))")
 
@@ -593,6 +697,12 @@ def _charge(count: int) -> RawSql:
         f"UPDATE budgets SET reserved = reserved + :n, updated_at = :now WHERE {_in_scopes(count)} "
         "AND (cap IS NULL OR used + reserved + :n <= cap) RETURNING scope"
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _headroom(count: int) -> RawSql:
+    where = f"{_in_scopes(count)} AND cap IS NOT NULL"
+    return RawSql(f"SELECT MIN(cap - used - reserved) FROM budgets WHERE {where}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -664,6 +774,7 @@ class BudgetPolicy:
 
 
 __all__ = [
+    "ALLOTMENT_PREFIX",
     "UNITS",
     "BudgetExceeded",
     "BudgetLedger",

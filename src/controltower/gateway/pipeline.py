@@ -28,6 +28,7 @@ import jsonschema
 import sqlalchemy as sa
 from opentelemetry import trace
 
+from controltower.gateway.allotments import Allotments, Draw
 from controltower.gateway.approvals import ApprovalBook, ApprovalRequest, Approver
 from controltower.gateway.audit import AuditEvent, AuditLog
 from controltower.gateway.autonomy import AutonomySettings, tighten
@@ -141,6 +142,7 @@ class ToolGateway:
         notifier: Notifier | None = None,
         metrics: GatewayMetrics | None = None,
         rate_wait: float = 5.0,
+        allotments: Allotments | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -153,6 +155,8 @@ class ToolGateway:
         self.redactor = redactor or Redactor()
         self.audit = audit or AuditLog(store, redactor=self.redactor)
         self.budgets = budgets or BudgetLedger(store)
+        # priced calls allowed outright take their price from an allotment (see allotments.py)
+        self.allotments = allotments or Allotments(self.budgets)
         self.limiter = limiter or RateLimiter(store)
         self.controls = controls or Controls(store, audit=self.audit)
         self.autonomy = AutonomySettings(self.controls)
@@ -245,9 +249,48 @@ class ToolGateway:
                 executor = self.registry.executor(tool, tenant=req.tenant)
             except ToolUnavailableError as exc:
                 executor = exc
+        draw: Draw | None = None
+        if tool.cost_micros and effect == "allow" and not self._policies_use_cost():
+            scopes = self.budgets.check_reservation(
+                req.call_key, req.tenant, self._scopes(req), "micros", tool.cost_micros
+            )
+            draw = self.allotments.take(req.tenant, scopes, tool.cost_micros)
+        try:
+            return await self._go(
+                req, tool, digest, policy, decision, effect, why, cost_cents, executor, draw
+            )
+        finally:
+            if draw is not None:
+                self.allotments.settle(draw)
+
+    async def _go(
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition,
+        digest: str,
+        policy: PolicyEngine | PolicyError,
+        decision: PolicyDecision | None,
+        effect: str,
+        why: str | None,
+        cost_cents: int,
+        executor: Executor | ToolUnavailableError | None,
+        draw: Draw | None,
+    ) -> ToolResult:
         fold_claim = executor is not None and not isinstance(executor, ToolUnavailableError)
-        begun = await self._begin(req, tool, digest, effect in ("allow", "require_approval"), fold_claim)
-        prior, reserved, claim = begun
+        go = effect in ("allow", "require_approval")
+        allotments = self.allotments
+        returned = allotments.returned
+        prior, reserved, claim = await self._begin(req, tool, digest, go, fold_claim, draw)
+        for _ in range(3):  # refused by a cap: the missing money may be set aside in this gateway
+            if not isinstance(reserved, BudgetExceeded):
+                break
+            if allotments.holds(req.tenant):
+                await allotments.reclaim(req.tenant)
+            await allotments.drain()
+            if allotments.returned == returned:  # nothing given back since the attempt began
+                break
+            returned = allotments.returned
+            prior, reserved, claim = await self._begin(req, tool, digest, go, fold_claim, draw)
         if prior is not None and prior.status == "completed":
             if prior.args_digest != digest:
                 return await self._stop(
@@ -285,18 +328,39 @@ class ToolGateway:
                 exec_args = approval.approved_args
 
         return await self._execute(
-            req, tool, exec_args, digest, exec_digest, approval, ids, executor=executor, claim=claim
+            req,
+            tool,
+            exec_args,
+            digest,
+            exec_digest,
+            approval,
+            ids,
+            executor=executor,
+            claim=claim,
+            draw=draw,
         )
 
     async def _begin(
-        self, req: ToolCallRequest, tool: ToolDefinition, digest: str, go: bool, claim: bool
+        self,
+        req: ToolCallRequest,
+        tool: ToolDefinition,
+        digest: str,
+        go: bool,
+        claim: bool,
+        draw: Draw | None = None,
     ) -> tuple[CallRecord | None, Reservation | BudgetExceeded | None, Claim | None]:
-        """One transaction: the recorded result; if none and ``go``, the budget reservation and,
-        with ``claim``, the idempotent claim. Without writes it commits nothing (no fsync)."""
+        """One transaction: the recorded result; if none and ``go``, the budget reservation (or a
+        new allotment for ``draw``) and, with ``claim``, the idempotent claim. Without writes it
+        commits nothing (no fsync); a call whose price came from an allotment may need none."""
         key, cost = req.call_key, tool.cost_micros
+        reserve = 0 if draw is not None and draw.allotment is not None else cost  # what to reserve now
         scopes: list[str] = []
-        if cost and go:  # a bad key or scope fails here, as reserving did, only for a call that may go
+        if reserve and go:  # a bad key or scope fails here, as reserving did, only for a call that may go
             scopes = self.budgets.check_reservation(key, req.tenant, self._scopes(req), "micros", cost)
+        allotments = self.allotments
+        grant = allotments.grant_size(draw) if draw is not None and reserve and go else 0
+        grant_key = allotments.new_key() if grant else ""
+        share, stale_after = allotments.headroom_share, allotments.stale_after
         call = CallRecordRow(key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key)
         retry_in_doubt = not tool.writes or "idempotent" in tool.tags
         budgets = self.budgets
@@ -308,7 +372,7 @@ class ToolGateway:
             if prior is not None and prior.status == "completed":
                 if not cost or prior.args_digest != digest or budgets.settled_now(key):
                     return prior, None, None
-            elif not claim and (not go or not cost):
+            elif not claim and (not go or not reserve):
                 return prior, None, None
 
         def job(conn: Any) -> tuple[CallRecord | None, Reservation | BudgetExceeded | None, Claim | None]:
@@ -321,7 +385,15 @@ class ToolGateway:
                 return prior, None, None
             if not go:
                 return prior, None, None
-            reserved = budgets.reserve_in(conn, key, req.tenant, scopes, "micros", cost) if cost else None
+            reserved: Reservation | BudgetExceeded | None = None
+            if grant:  # an allotment instead of this call's own reservation, far enough from every cap
+                budgets.expire_allotments_in(conn, stale_after)
+                room = budgets.headroom_in(conn, req.tenant, scopes, "micros")
+                if room is None or room >= grant * share:
+                    got = budgets.reserve_in(conn, grant_key, req.tenant, scopes, "micros", grant)
+                    reserved = got if isinstance(got, Reservation) else None
+            if reserved is None and reserve:
+                reserved = budgets.reserve_in(conn, key, req.tenant, scopes, "micros", reserve)
             if isinstance(reserved, BudgetExceeded) or not claim:
                 return prior, reserved, None
             return prior, reserved, CallLog.claim_in(conn, call, retry_in_doubt=retry_in_doubt, prior=prior)
@@ -335,11 +407,16 @@ class ToolGateway:
         # interrupted write "in doubt" so that it is never run twice. (A transaction that may
         # write no reservation stays "durable": it writes nothing to wait for anyway, and on
         # PostgreSQL relaxing it would cost a statement.)
-        relaxed = bool(cost) and go and not (claim and not retry_in_doubt)
+        relaxed = bool(reserve) and go and not (claim and not retry_in_doubt)
         try:
-            return await run_retrying(self.store, job, durable=not relaxed)
+            out = await run_retrying(self.store, job, durable=not relaxed)
         except sa.exc.IntegrityError:  # a concurrent claim of the same key won (nothing was kept)
             return None, None, Claim("in_doubt", await self.calls.get(key))
+        if grant and draw is not None:
+            got = out[1]
+            granted = isinstance(got, Reservation) and got.key == grant_key
+            allotments.granted_to(draw, grant_key if granted else None, grant)
+        return out
 
     async def _execute(
         self,
@@ -353,6 +430,7 @@ class ToolGateway:
         *,
         executor: Executor | ToolUnavailableError | None = None,
         claim: Claim | None = None,
+        draw: Draw | None = None,
     ) -> ToolResult:
         try:
             if tool.rate_limit is not None and tool.rate_limit.per_second is not None:
@@ -360,7 +438,7 @@ class ToolGateway:
                     f"{req.tenant}/{tool.name}", tool.rate_limit, wait=True, timeout=self.rate_wait
                 )
         except RateLimited as exc:
-            await self._release(req, tool)
+            await self._release(req, tool, draw)
             return await self._stop(req, tool, "rate_limited", str(exc), ids, retryable=True)
 
         if executor is None:
@@ -369,7 +447,7 @@ class ToolGateway:
             except ToolUnavailableError as exc:
                 executor = exc
         if isinstance(executor, ToolUnavailableError):
-            await self._release(req, tool)
+            await self._release(req, tool, draw)
             return await self._stop(req, tool, "tool_unavailable", str(executor), ids)
         retry_in_doubt = not tool.writes or "idempotent" in tool.tags
         # A read needs no "started" mark: running it again is harmless, so its only write is
@@ -437,7 +515,7 @@ class ToolGateway:
             message = self.redactor.redact_text(f"{type(exc).__name__}: {exc}")
             code = exc.code if isinstance(exc, TowerError) else "tool_error"
             await self.calls.fail(req.call_key, {"code": code, "message": message, "retryable": retryable})
-            await self._release(req, tool)
+            await self._release(req, tool, draw)
             await self._audit(req, tool, "tool_call", "failed", message, digest, {"code": code})
             return ToolResult(
                 "error",
@@ -451,7 +529,7 @@ class ToolGateway:
         problems = self._check(tool, "output", output)
         if problems:
             await self.calls.fail(req.call_key, {"code": "invalid_output", "message": problems})
-            await self._release(req, tool)
+            await self._release(req, tool, draw)
             await self._audit(req, tool, "tool_call", "invalid_output", problems, digest, {})
             return ToolResult("error", tool.name, tool.version, code="invalid_output", reason=problems)
         data = {
@@ -471,12 +549,15 @@ class ToolGateway:
         call = CallRecordRow(
             req.call_key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key
         )
-        complete_in, commit_in, append_in = (
+        complete_in, commit_in, draw_in, append_in = (
             self.calls.complete_in,
             self.budgets.commit_in,
+            self.budgets.draw_in,
             self.audit.append_prepared_in,
         )
         key, cost = req.call_key, tool.cost_micros
+        allotment = draw.allotment.key if draw is not None and draw.allotment is not None else None
+        scopes = draw.scopes if draw is not None else []
 
         lock_in, tenant = self.budgets.lock_in, req.tenant
 
@@ -486,14 +567,18 @@ class ToolGateway:
             if cost:
                 lock_in(conn, tenant)
             complete_in(conn, call, output, text=text)
-            if cost:
+            if cost and allotment is not None:
+                draw_in(conn, allotment, key, tenant, scopes, cost)
+            elif cost:
                 commit_in(conn, key, cost)
             return append_in(conn, rows)
 
         deferred = self.defer_read_records and not tool.writes
         # a deferred record need not wait for the disk either: the caller's next commit (the
         # engine's step record) is durable and, committed after it, takes it to disk with it
-        pending = self.store.run(record, durable=not deferred)
+        pending = self.store.run_soon(record, durable=not deferred)  # queued now: before the
+        if draw is not None:  # allotment can be given back (that is queued after it)
+            draw.charged = True
         if deferred:
             # The store commits jobs in order, so this record (and a priced read's charge) is
             # durable no later than anything the caller commits after using the result (the
@@ -516,6 +601,7 @@ class ToolGateway:
         """Wait until deferred read records are committed (call before closing the store)."""
         while self._deferred:
             await asyncio.gather(*list(self._deferred), return_exceptions=True)
+        await self.allotments.aclose()
 
     async def reconcile(self, call_key: str, *, by: str, result: Any = None, failed: bool = False) -> None:
         """Settle an in-doubt call with what really happened; audited like any decision."""
@@ -770,7 +856,9 @@ class ToolGateway:
         usage = await self.budgets.usage(req.tenant, f"run:{req.run_id}", "micros")
         return int((usage.used + usage.reserved) // 10_000)
 
-    async def _release(self, req: ToolCallRequest, tool: ToolDefinition) -> None:
+    async def _release(self, req: ToolCallRequest, tool: ToolDefinition, draw: Draw | None = None) -> None:
+        if draw is not None and draw.allotment is not None:
+            return  # the price goes back to the allotment when the call settles
         if tool.cost_micros:
             await self.budgets.release(req.call_key)
 

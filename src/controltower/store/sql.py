@@ -6,6 +6,7 @@ the dialect's ``INSERT .. ON CONFLICT`` construct.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import decimal
 import functools
@@ -132,6 +133,13 @@ class SqlStore:
         """
         result: T = await self._one(fn, durable)
         return result
+
+    def run_soon(self, fn: Callable[[Connection], T], *, durable: bool = True) -> asyncio.Future[T]:
+        """:meth:`run`, queued at once: jobs are committed in the order they are queued, so a job
+        queued after this one (by any caller) never commits before it. Await the future for the
+        result (or the exception)."""
+        future: asyncio.Future[T] = self._committer.submit(lambda conn, _args: [fn(conn)], durable=durable)
+        return future
 
     @property
     def dialect(self) -> str:
