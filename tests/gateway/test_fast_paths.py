@@ -316,3 +316,27 @@ async def test_read_reservation_is_visible_to_another_store_before_the_tool_runs
         assert (usage.used, usage.reserved) == (2 * 520, 0)
     finally:
         await other.close()
+
+
+async def test_deferred_records_are_bounded(store: SqlStore) -> None:
+    """Under the engine a read does not wait for its record, but a caller that outruns the store
+    waits once ``max_deferred`` records are queued: the backlog never grows without end."""
+    gateway = await make_gateway(store)
+    gateway.defer_read_records, gateway.max_deferred = True, 4
+    backlog: list[int] = []
+
+    async def look(args: dict[str, Any], ctx: ExecContext) -> dict[str, Any]:
+        backlog.append(len(gateway._deferred))
+        return {"id": args["id"]}
+
+    await gateway.registry.register(ToolDefinition(name="ops.look", owner="ops", input_schema=SCHEMA), look)
+    for n in range(60):
+        assert (await gateway.call(req("ops.look", {"id": str(n)}, f"s{n}"))).ok
+    assert max(backlog) <= 5
+    await gateway.flush()
+    count = await store.run(
+        lambda conn: conn.execute(
+            sa.text("SELECT count(*) FROM tool_calls WHERE status = 'completed'")
+        ).scalar()
+    )
+    assert count == 60

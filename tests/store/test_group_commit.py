@@ -178,3 +178,36 @@ async def test_nothing_to_relax_when_every_commit_skips_the_fsync(tmp_path: Path
         assert store.relaxed_commits == 0
     finally:
         await store.close()
+
+
+# -- urgent jobs and commit hooks ---------------------------------------------------------------
+
+
+async def test_urgent_job_goes_before_the_queued_ones_and_hooks_run_after_commit(store: SqlStore) -> None:
+    """An urgent job commits before jobs queued earlier (not yet running), in a transaction of
+    its own; ``on_commit`` sees the result on the store thread before the loop gets control."""
+    gate = threading.Event()
+    order: list[str] = []
+    hooked: list[tuple[str, str]] = []
+    blocker = store._committer.submit(lambda conn, args: [gate.wait(5)])
+
+    def job(name: str) -> Any:
+        def fn(conn: Any) -> str:
+            order.append(name)
+            return name
+
+        return fn
+
+    queued = [store.run_soon(job(f"queued-{i}")) for i in range(3)]
+    urgent = store.run_soon(
+        job("urgent"), urgent=True, on_commit=lambda r: hooked.append((r, threading.current_thread().name))
+    )
+    gate.set()
+    await blocker
+    assert await asyncio.gather(*queued, urgent) == ["queued-0", "queued-1", "queued-2", "urgent"]
+    assert order == ["urgent", "queued-0", "queued-1", "queued-2"]
+    assert hooked == [("urgent", "tower-store")]
+
+
+async def test_urgent_job_wakes_an_idle_store_thread(store: SqlStore) -> None:
+    assert await asyncio.wait_for(store.run_soon(lambda conn: 42, urgent=True), 5) == 42

@@ -50,6 +50,7 @@ from controltower.store.sql import RawSql
 
 UNITS: tuple[str, ...] = ("micros", "tokens")
 ALLOTMENT_PREFIX = "allot:"  # reservation keys of allotments (see controltower.gateway.allotments)
+_AFTER_ALLOTMENTS = "allot;"  # the first key after every key that starts with ALLOTMENT_PREFIX
 _SCOPE = re.compile(r"^(tenant|department|workflow|run):\S.{0,290}$")
 
 
@@ -471,7 +472,8 @@ class BudgetLedger:
         cutoff = self._clock() - older_than
         rows = conn.execute(
             sa.select(r.key)
-            .where(r.status == "reserved", r.key.like(f"{ALLOTMENT_PREFIX}%"), r.created_at < cutoff)
+            .where(r.key >= ALLOTMENT_PREFIX, r.key < _AFTER_ALLOTMENTS)  # a range of the primary key
+            .where(r.status == "reserved", r.created_at < cutoff)
             .order_by(r.created_at)
             .limit(limit)
         ).all()

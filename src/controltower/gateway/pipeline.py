@@ -170,6 +170,11 @@ class ToolGateway:
         # True under the engine: a read's record rides on the next commit (see _execute)
         self.defer_read_records = False
         self._deferred: set[asyncio.Future[None]] = set()
+        # at most this many deferred records waiting: a caller that outruns the store (sequential
+        # calls of a tool that never blocks) then waits for it instead of growing the queue
+        # without end. Large on purpose: a small bound makes every n-th call wait for a whole
+        # batch (32: 4-6 ms every ~30 calls in bench/gateway.py); this one bounds memory.
+        self.max_deferred = 1024
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -360,7 +365,7 @@ class ToolGateway:
         allotments = self.allotments
         grant = allotments.grant_size(draw) if draw is not None and reserve and go else 0
         grant_key = allotments.new_key() if grant else ""
-        share, stale_after = allotments.headroom_share, allotments.stale_after
+        sweep = bool(grant) and allotments.sweep_due()
         call = CallRecordRow(key, req.tenant, tool.name, tool.version, digest, req.run_id, req.step_key)
         retry_in_doubt = not tool.writes or "idempotent" in tool.tags
         budgets = self.budgets
@@ -387,11 +392,7 @@ class ToolGateway:
                 return prior, None, None
             reserved: Reservation | BudgetExceeded | None = None
             if grant:  # an allotment instead of this call's own reservation, far enough from every cap
-                budgets.expire_allotments_in(conn, stale_after)
-                room = budgets.headroom_in(conn, req.tenant, scopes, "micros")
-                if room is None or room >= grant * share:
-                    got = budgets.reserve_in(conn, grant_key, req.tenant, scopes, "micros", grant)
-                    reserved = got if isinstance(got, Reservation) else None
+                reserved = allotments.grant_in(conn, grant_key, req.tenant, scopes, cost, grant, sweep)
             if reserved is None and reserve:
                 reserved = budgets.reserve_in(conn, key, req.tenant, scopes, "micros", reserve)
             if isinstance(reserved, BudgetExceeded) or not claim:
@@ -414,8 +415,10 @@ class ToolGateway:
             return None, None, Claim("in_doubt", await self.calls.get(key))
         if grant and draw is not None:
             got = out[1]
-            granted = isinstance(got, Reservation) and got.key == grant_key
-            allotments.granted_to(draw, grant_key if granted else None, grant)
+            if isinstance(got, Reservation) and got.key == grant_key:
+                allotments.granted_to(draw, grant_key, got.amount)
+            else:
+                allotments.granted_to(draw, None, 0)
         return out
 
     async def _execute(
@@ -587,6 +590,8 @@ class ToolGateway:
             task = asyncio.ensure_future(self._publish_later(pending))
             self._deferred.add(task)
             task.add_done_callback(self._deferred.discard)
+            if len(self._deferred) > self.max_deferred:  # backpressure: a bounded backlog
+                await asyncio.wait(list(self._deferred), return_when=asyncio.FIRST_COMPLETED)
         else:
             await self.audit.publish(await pending)
         return ToolResult("ok", tool.name, tool.version, output=output, policy_ids=ids)

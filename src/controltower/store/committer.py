@@ -20,6 +20,7 @@ with everything after them, never a later commit without an earlier one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import queue
@@ -33,6 +34,8 @@ import sqlalchemy as sa
 # Fault injection for crash tests: TOWER_FAULT_KILL_IN_COMMIT=N makes the store thread
 # SIGKILL its own process after N batches, inside the transaction, before COMMIT.
 _KILL_AFTER = int(os.environ.get("TOWER_FAULT_KILL_IN_COMMIT", "0") or 0)
+
+_NUDGE = object()  # queued with an urgent job: wakes the store thread
 
 BatchFn = Callable[[sa.Connection, list[Any]], list[Any]]
 # (connection outside any transaction, relaxed?) -> None: prepare the next commit's durability
@@ -49,6 +52,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     durable: bool = True
+    on_commit: Callable[[Any], None] | None = None  # called on the store thread, after COMMIT
 
 
 class GroupCommitter:
@@ -68,7 +72,8 @@ class GroupCommitter:
         self._set_sync = set_sync
         self._relax_in = relax_in
         self._relaxed = 0
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # _Job, _NUDGE or None (stop)
+        self._urgent: collections.deque[_Job] = collections.deque()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._closed = False
         self._batches = 0
@@ -90,19 +95,39 @@ class GroupCommitter:
         return self._set_sync is not None or self._relax_in is not None
 
     def submit(
-        self, fn: BatchFn, arg: Any = None, key: Hashable | None = None, *, durable: bool = True
+        self,
+        fn: BatchFn,
+        arg: Any = None,
+        key: Hashable | None = None,
+        *,
+        durable: bool = True,
+        on_commit: Callable[[Any], None] | None = None,
+        urgent: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue ``fn(conn, [arg, ...])``; jobs with the same non-None ``key`` may be merged.
 
         ``durable=False``: the job's commit must be visible at once but may reach the disk with
         the next durable commit (see the module docstring); it is committed that way only in a
         batch of relaxed jobs, else durably.
+
+        ``on_commit(result)`` runs on the store thread as soon as the job's transaction has
+        committed, before the future is resolved on its loop (which happens only when the loop
+        gets control): for a caller that polls the outcome without yielding to the loop.
+
+        ``urgent``: the job goes before everything queued that is not running yet, in a
+        transaction of its own (for work that does not depend on what is queued before it,
+        e.g. a new budget allotment while many records wait to be written).
         """
         if self._closed:
             raise RuntimeError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(fn, key, arg, loop, future, durable))
+        job = _Job(fn, key, arg, loop, future, durable, on_commit)
+        if urgent:
+            self._urgent.append(job)
+            self._queue.put(_NUDGE)  # wakes the thread if it waits for work
+        else:
+            self._queue.put(job)
         return future
 
     def close(self) -> None:
@@ -117,9 +142,13 @@ class GroupCommitter:
     def _main(self) -> None:
         with self._engine.connect() as conn:
             while True:
+                if self._urgent:
+                    self._run(conn, self._take_urgent())
                 first = self._queue.get()
                 if first is None:
                     return
+                if first is _NUDGE:
+                    continue
                 batch = [first]
                 stop = False
                 while len(batch) < self._max_batch:
@@ -130,10 +159,19 @@ class GroupCommitter:
                     if job is None:
                         stop = True
                         break
-                    batch.append(job)
+                    if job is not _NUDGE:
+                        batch.append(job)
+                if self._urgent:  # queued meanwhile: before the batch, in a transaction of their own
+                    self._run(conn, self._take_urgent())
                 self._run(conn, batch)
                 if stop:
                     return
+
+    def _take_urgent(self) -> list[_Job]:
+        jobs = []
+        while self._urgent:
+            jobs.append(self._urgent.popleft())
+        return jobs
 
     def _begin(self, conn: sa.Connection, relaxed: bool) -> sa.RootTransaction:
         """Start a transaction whose commit waits for the disk unless ``relaxed``."""
@@ -185,7 +223,11 @@ class GroupCommitter:
     def _deliver(outcomes: list[tuple[_Job, bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
         for item in outcomes:
-            by_loop.setdefault(item[0].loop, []).append(item)
+            job, ok, value = item
+            if ok and job.on_commit is not None and not isinstance(value, BaseException):
+                with contextlib.suppress(Exception):  # a hook must not stop the delivery
+                    job.on_commit(value)
+            by_loop.setdefault(job.loop, []).append(item)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, items)

@@ -134,11 +134,22 @@ class SqlStore:
         result: T = await self._one(fn, durable)
         return result
 
-    def run_soon(self, fn: Callable[[Connection], T], *, durable: bool = True) -> asyncio.Future[T]:
+    def run_soon(
+        self,
+        fn: Callable[[Connection], T],
+        *,
+        durable: bool = True,
+        on_commit: Callable[[T], None] | None = None,
+        urgent: bool = False,
+    ) -> asyncio.Future[T]:
         """:meth:`run`, queued at once: jobs are committed in the order they are queued, so a job
         queued after this one (by any caller) never commits before it. Await the future for the
-        result (or the exception)."""
-        future: asyncio.Future[T] = self._committer.submit(lambda conn, _args: [fn(conn)], durable=durable)
+        result (or the exception). ``on_commit(result)`` runs on the store's thread right after
+        the commit, before the future is resolved on the caller's loop. ``urgent``: before the
+        jobs already queued (not after them), for work that does not depend on them."""
+        future: asyncio.Future[T] = self._committer.submit(
+            lambda conn, _args: [fn(conn)], durable=durable, on_commit=on_commit, urgent=urgent
+        )
         return future
 
     @property
