@@ -282,3 +282,42 @@ async def test_an_approval_left_unannounced_by_a_crash_is_announced_at_the_next_
         await notifier.aclose()
     assert [b["blocks"][0]["text"]["text"] for b in receiver.bodies] == ["Approval needed: payments.refund"]
     assert f"{BASE}/ui/approvals/{pending.approval_id}" in receiver.bodies[0]["text"]
+
+
+async def test_an_approval_step_left_unannounced_is_announced_once_at_the_next_start(
+    engine: EmbeddedEngine, receiver: Receiver
+) -> None:
+    """A run parked on an approval step while no notifier ran (or one that died before it
+    enqueued) is announced by the next notifier that starts, once, as the hook would have."""
+    before = time.time()
+    quiet = await engine.start(APPROVAL, {})  # nobody listening
+    await engine.wait(quiet, statuses=("waiting",), timeout=10)
+    for _ in range(2):  # two restarts: announced once
+        notifier = Notifier(
+            [WebhookChannel(receiver.url)], base_url=BASE, store=engine.store, poll_interval=0.05
+        )
+        notifier.attach(engine=engine)
+        notifier.start()
+        await notifier.flush(10)
+        await notifier.aclose()
+    assert len(receiver.bodies) == 1
+    body = receiver.bodies[0]
+    assert body["blocks"][0]["text"]["text"] == "Approval needed: Finance sign-off"
+    assert f"{BASE}/ui/runs/{quiet}" in body["text"]
+    fields = fields_of(body)
+    assert (fields["Group"], fields["Step"]) == ("finance", "sign_off")
+    assert fields["Due"] in {
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(before + d)) for d in (3600, 3660)
+    }
+
+    # a run announced by the hook is not announced again by a later start
+    notifier = Notifier([WebhookChannel(receiver.url)], base_url=BASE, store=engine.store, poll_interval=0.05)
+    notifier.attach(engine=engine)
+    notifier.start()
+    heard = await engine.start(APPROVAL, {})
+    await engine.wait(heard, statuses=("waiting",), timeout=10)
+    await notifier.flush(10)
+    await notifier.aclose()
+    assert notifier.outbox is not None
+    assert await notifier.catch_up() == 0
+    assert len(receiver.bodies) == 2

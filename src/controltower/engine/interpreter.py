@@ -542,7 +542,13 @@ class Interpreter:
         decision = None if rec is None else await self._signal(f"approval:{key}", consume=False)
         if rec is None:
             shown = self._input(step, scope, key) if step.input is not None else None
-            detail = {"prompt": step.prompt, "group": step.group}
+            # title and sla too: a notifier starting later can announce the wait as it was
+            detail = {
+                "prompt": step.prompt,
+                "group": step.group,
+                "title": step.title or step.id,
+                "sla": step.sla,
+            }
             rec = await self._save(key, step, "approval", "waiting", time.time(), shown, None, detail=detail)
             due = rec.started_at + step.sla if step.sla is not None else None
             self._approval_event("requested", step, rec, step.group, due)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import sqlalchemy as sa
 
 from controltower.engine.interpreter import StepApproval
 from controltower.gateway.approvals import ApprovalRequest
@@ -31,6 +34,7 @@ from controltower.notify.messages import (
 from controltower.notify.outbox import Outbox
 from controltower.spec.errors import InvalidInputError
 from controltower.store import RunRecord, SqlStore
+from controltower.store import tables as t
 
 log = logging.getLogger("controltower.notify")
 
@@ -151,24 +155,31 @@ class Notifier:
     def start(self) -> None:
         """Start delivering from the outbox (rows left by an earlier process too); no-op without one.
 
-        With a gateway attached, also catch up on approvals that wait without a notification:
-        a request is committed before its notification is enqueued, so a crash in between
-        would otherwise leave it unannounced (the outbox ignores what it already holds).
+        Also catch up on approvals that wait without a notification (the workflows' approval
+        steps, and with a gateway attached its pending calls): a wait is committed before its
+        notification is enqueued, so a crash in between, or a run parked while no notifier was
+        running, would otherwise leave it unannounced (the outbox ignores what it already holds).
         """
         if self.outbox is not None:
             self.outbox.start()
-            if self._gateway is not None and self._catch_up is None:
+            if self._catch_up is None:
                 self._catch_up = asyncio.get_running_loop().create_task(self.catch_up(self._gateway))
 
-    async def catch_up(self, gateway: Any, limit: int = 1000) -> int:
-        """Enqueue "approval requested" for every pending gateway approval; returns how many
-        rows were new (0 when every one was already announced)."""
+    async def catch_up(self, gateway: Any = None, limit: int = 1000) -> int:
+        """Enqueue "approval requested" for every pending gateway approval (with ``gateway``)
+        and every workflow approval step that waits; returns how many rows were new (0 when
+        every one was already announced: the hooks and this build the same dedupe keys)."""
         if self.outbox is None or "approval_requested" not in self.events:
             return 0
         added = 0
         try:
-            for appr in await gateway.approvals.list(tenant=None, limit=limit):
-                added += await self.outbox.enqueue(approval_notification("requested", appr, self.base_url))
+            if gateway is not None:
+                for appr in await gateway.approvals.list(tenant=None, limit=limit):
+                    added += await self.outbox.enqueue(
+                        approval_notification("requested", appr, self.base_url)
+                    )
+            for run, step in await waiting_approval_steps(self.outbox.store, limit):
+                added += await self.outbox.enqueue(step_approval_notification(run, step, self.base_url))
         except Exception as exc:  # never in the way of the command that started us
             log.warning("notification catch-up failed (%s): %s", type(exc).__name__, exc)
         return added
@@ -275,3 +286,46 @@ class Notifier:
 
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+async def waiting_approval_steps(store: SqlStore, limit: int = 1000) -> list[tuple[RunRecord, StepApproval]]:
+    """Approval steps of every tenant's runs that wait for a decision, as the engine announced
+    them when they started waiting (same step key and start time: the same dedupe key)."""
+
+    def fn(conn: sa.Connection) -> list[tuple[str, str, str, float, str | None]]:
+        s, r = t.steps.c, t.runs.c
+        query = (
+            sa.select(s.run_id, s.step_key, s.step_id, s.started_at, s.detail)
+            .join(t.runs, r.id == s.run_id)
+            .where(
+                s.kind == "approval", s.status == "waiting", r.status.in_(("waiting", "running", "pending"))
+            )
+            .order_by(s.started_at)
+            .limit(limit)
+        )
+        return [
+            (row.run_id, row.step_key, row.step_id, row.started_at, row.detail) for row in conn.execute(query)
+        ]
+
+    out: list[tuple[RunRecord, StepApproval]] = []
+    for run_id, step_key, step_id, started_at, raw in await store.run(fn):
+        run = await store.get_run(run_id)
+        if run is None:
+            continue
+        detail = json.loads(raw) if raw else {}
+        sla = detail.get("sla")
+        due = started_at + float(sla) if isinstance(sla, int | float) else None
+        if detail.get("escalated"):  # announced to the new group when it escalated
+            continue
+        step = StepApproval(
+            "requested",
+            step_key,
+            step_id,
+            str(detail.get("title") or step_id),
+            str(detail.get("prompt") or "Approve?"),
+            detail.get("group"),
+            due,
+            started_at,
+        )
+        out.append((run, step))
+    return out
