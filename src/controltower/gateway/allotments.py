@@ -261,6 +261,8 @@ class Allotments:
         old = self._active.pop(chain, None)
         if old is not None:
             self._retire(chain, old)
+        if len(self._calls) >= 4096:  # one entry per chain (run) seen: keep it bounded
+            self._calls.clear()  # (a chain then starts again at calls_per_grant)
         self._calls[chain] = max(1, size // cost)
         allot = Allotment(key, chain[0], tuple(scopes), size, size - cost * taken, self._clock(), int(taken))
         allot.timer = asyncio.get_running_loop().call_later(self.ttl, self._expire, chain, allot)
